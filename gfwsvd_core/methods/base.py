@@ -1,0 +1,41 @@
+"""What a weighting method is: statistics in, a pair of PSD weights (output side, input side) out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+import torch
+
+from ..stats import LayerStats
+
+
+@dataclass
+class Weights:
+    """Two-sided weights for the solver: None (identity), a diagonal vector or a PSD matrix."""
+
+    left: Optional[torch.Tensor]  # output side, m x m or (m,)
+    right: Optional[torch.Tensor]  # input side, n x n or (n,)
+    damping: float = 0.0  # relative damping the solver adds before taking roots
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Method:
+    """Base class. Subclasses set the class attributes and implement :meth:`weights`.
+
+    A method only turns statistics into weights; the one solver does the rest.
+    """
+
+    name: ClassVar[str] = ""
+    label: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()  # statistics kinds (see stats.ALL_KINDS)
+    description: ClassVar[str] = ""
+
+    def weights(self, stats: Optional[LayerStats]) -> Weights:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        from dataclasses import asdict
+
+        return {"method": self.name, **asdict(self)}

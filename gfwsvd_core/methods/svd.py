@@ -1,0 +1,16 @@
+"""Plain truncated SVD: minimise ``||W - W_r||_F`` (no statistics)."""
+
+from dataclasses import dataclass
+
+from .base import Method, Weights
+
+
+@dataclass
+class SVD(Method):
+    name = "svd"
+    label = "SVD"
+    requires = ()
+    description = "Keeps the largest singular directions of W; blind to data and loss."
+
+    def weights(self, stats=None) -> Weights:
+        return Weights(None, None)

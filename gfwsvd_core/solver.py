@@ -1,0 +1,179 @@
+"""The one solver: rank-r minimiser of a two-sided weighted Frobenius error.
+
+For PSD weights ``left = L_out L_out^T`` (m x m, output side) and ``right = L_in L_in^T`` (n x n,
+input side) the rank-r matrix minimising ``||L_out^T (W - W_r) L_in||_F`` is
+
+    W~ = L_out^T W L_in = U S V^T,        W_r = L_out^{-T} [W~]_r L_in^{-1}
+
+(a change of variables and Eckart-Young). The minimum is ``sum_{i>r} s_i^2``; when the weights
+are Kronecker factors of the Fisher (``F ~ right (x) left``), half of it is the predicted loss
+increase ``1/2 tr(dW^T B dW A)``, so one SVD gives the whole curve over r.
+
+Only one side is ever inverted, by triangular solves in float64:
+``W_r = L_out^{-T} U_r (U_r^T L_out^T W)`` or ``W_r = (W L_in V_r)(V_r^T L_in^{-1})``; the better
+conditioned side is chosen. Weights may be None (identity), a vector (diagonal) or a matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .fisher.psd import Root, as_weight, root
+
+
+@dataclass
+class WeightedSVDResult:
+    """Factors of a rank-r layer: ``W_r = up @ down``; ``up`` m x r, ``down`` r x n."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+    singular_values: torch.Tensor  # of the weighted matrix W~, descending
+    predicted_loss: torch.Tensor  # entry k: 1/2 sum_{i>k} s_i^2, k = 0 .. min(m, n)
+    rank: int
+    info: dict
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.up @ self.down
+
+
+class WeightedDecomposition:
+    """The SVD of ``W~ = L_out^T W L_in``; truncates to any rank without recomputing."""
+
+    def __init__(self, W: torch.Tensor, left=None, right=None, damping: float = 0.0):
+        if not isinstance(W, torch.Tensor) or W.dim() != 2:
+            raise ValueError("W must be a 2-D tensor (out x in)")
+        if W.numel() == 0:
+            raise ValueError("W is empty")
+        if not torch.isfinite(W).all():
+            raise ValueError("W contains NaN or inf")
+        m, n = W.shape
+        self.shape = (m, n)
+        self.dtype = W.dtype if W.is_floating_point() else torch.float32
+        self.W = W.detach().to(torch.float64)
+        left = as_weight(left, m, "left (output-side)")
+        right = as_weight(right, n, "right (input-side)")
+        self.left: Optional[Root] = None if left is None else root(left.to(W.device), damping, "left (output-side)")
+        self.right: Optional[Root] = None if right is None else root(right.to(W.device), damping, "right (input-side)")
+        Wt = _apply_left(self.left, self.W)  # L_out^T W
+        Wt = _apply_right(self.right, Wt)  # L_out^T W L_in
+        self.U, self.S, Vh = torch.linalg.svd(Wt, full_matrices=False)  # (m,k), (k,), (k,n)
+        self.V = Vh.T  # (n, k)
+        # invert the better-conditioned side (an absent or diagonal side is trivial to invert)
+        cl = _cost(self.left)
+        cr = _cost(self.right)
+        self.inverted = "out" if cl <= cr else "in"
+
+    @property
+    def max_rank(self) -> int:
+        return min(self.shape)
+
+    @property
+    def singular_values(self) -> torch.Tensor:
+        return self.S
+
+    @property
+    def predicted_loss(self) -> torch.Tensor:
+        """Entry k: half the tail energy ``1/2 sum_{i>k} s_i^2`` for k = 0 .. min(m, n)."""
+        sq = self.S.double() ** 2
+        tail = torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0])  # tail[k] = sum_{i>=k}
+        return 0.5 * torch.cat([tail, tail.new_zeros(1)])
+
+    def check_rank(self, rank: int) -> int:
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            try:
+                if int(rank) != rank:
+                    raise ValueError
+                rank = int(rank)
+            except (TypeError, ValueError):
+                raise ValueError(f"rank must be an integer, got {rank!r}") from None
+        if rank < 1 or rank > self.max_rank:
+            raise ValueError(f"rank must be between 1 and min(m, n) = {self.max_rank}, got {rank}")
+        return rank
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(up, down)`` with ``up @ down = W_r``, balanced column/row norms, in W's dtype."""
+        r = self.check_rank(rank)
+        U, V = self.U[:, :r], self.V[:, :r]
+        if self.inverted == "out":
+            up = _solve_left_t(self.left, U)  # L_out^{-T} U_r            (m, r)
+            down = U.T @ _apply_left(self.left, self.W)  # U_r^T L_out^T W   (r, n)
+        else:
+            up = _apply_right(self.right, self.W) @ V  # W L_in V_r          (m, r)
+            down = _solve_right_t(self.right, V).T  # V_r^T L_in^{-1}      (r, n)
+        # balance: scale column i of up and row i of down to equal norms (product unchanged)
+        cu = up.norm(dim=0)
+        cd = down.norm(dim=1)
+        c = torch.where((cu > 0) & (cd > 0), torch.sqrt(cd / cu.clamp_min(1e-300)), torch.ones_like(cu))
+        return (up * c).to(self.dtype), (down / c[:, None]).to(self.dtype)
+
+    def reconstruct(self, rank: int) -> torch.Tensor:
+        up, down = self.factors(rank)
+        return up.double() @ down.double()
+
+    def result(self, rank: int) -> WeightedSVDResult:
+        up, down = self.factors(rank)
+        info = {"inverted_side": self.inverted}
+        for side, rt in (("left", self.left), ("right", self.right)):
+            if rt is not None:
+                info.update({f"{side}_{k}": v for k, v in rt.info().items()})
+        return WeightedSVDResult(up, down, self.S.to(self.dtype), self.predicted_loss, rank, info)
+
+
+def decompose(W: torch.Tensor, left=None, right=None, damping: float = 0.0) -> WeightedDecomposition:
+    """SVD of the weighted matrix, reusable for every rank (sliders re-truncate this)."""
+    return WeightedDecomposition(W, left, right, damping)
+
+
+def weighted_svd(W: torch.Tensor, rank: int, left=None, right=None, damping: float = 0.0) -> WeightedSVDResult:
+    """Rank-``rank`` minimiser of ``||L_out^T (W - W_r) L_in||_F`` with ``left``/``right`` PSD weights.
+
+    Args:
+        W: m x n weight (``nn.Linear`` layout).
+        rank: 1 .. min(m, n).
+        left: output-side weight: None (identity), a (m,) vector of diagonal entries or an m x m
+            PSD matrix. right: the same for the input side (n).
+        damping: relative damping added to matrix weights before their roots (see ``psd.root``).
+    """
+    dec = decompose(W, left, right, damping)
+    return dec.result(dec.check_rank(rank))
+
+
+# --- root helpers: a Root is None (identity), a diagonal vector or a lower-triangular factor
+
+
+def _cost(rt: Optional[Root]) -> float:
+    return 0.0 if rt is None else rt.condition
+
+
+def _apply_left(rt: Optional[Root], M: torch.Tensor) -> torch.Tensor:
+    """``L^T M``."""
+    if rt is None:
+        return M
+    if rt.diagonal:
+        return rt.L[:, None] * M
+    return rt.L.T @ M
+
+
+def _apply_right(rt: Optional[Root], M: torch.Tensor) -> torch.Tensor:
+    """``M L``."""
+    if rt is None:
+        return M
+    if rt.diagonal:
+        return M * rt.L[None, :]
+    return M @ rt.L
+
+
+def _solve_left_t(rt: Optional[Root], M: torch.Tensor) -> torch.Tensor:
+    """``L^{-T} M`` by a triangular solve."""
+    if rt is None:
+        return M
+    if rt.diagonal:
+        return M / rt.L[:, None]
+    return torch.linalg.solve_triangular(rt.L.T, M, upper=True)
+
+
+_solve_right_t = _solve_left_t  # V^T L^{-1} = (L^{-T} V)^T

@@ -1,0 +1,134 @@
+"""nearest_kronecker against the dense Van Loan rearrangement on small float64 cases."""
+
+import math
+
+import pytest
+import torch
+
+from gfwsvd_core import nearest_kronecker
+from gfwsvd_core.stats import LayerStats
+
+
+def full_fisher(G: torch.Tensor) -> torch.Tensor:
+    """F = 1/K sum vec(G) vec(G)^T with column-major vec (index j*m + i)."""
+    K = G.shape[0]
+    V = G.transpose(1, 2).reshape(K, -1).double()  # (K, mn), column-major vec
+    return V.T @ V / K
+
+
+def dense_nkp(F: torch.Tensor, m: int, n: int):
+    """Top singular pair of the rearranged F: R[(j,l),(i,k)] = F[j*m+i, l*m+k]."""
+    R = F.reshape(n, m, n, m).permute(0, 2, 1, 3).reshape(n * n, m * m)
+    U, S, Vh = torch.linalg.svd(R)
+    A = U[:, 0].reshape(n, n) * S[0]
+    B = Vh[0].reshape(m, m)
+    return A, B, S
+
+
+def rel(a, b):
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+def random_factored(K=12, T=5, m=7, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(K, T, n, generator=g, dtype=torch.float64)
+    # correlated tokens and channels so that the NKP is not K-FAC
+    X = X @ torch.randn(n, n, generator=g, dtype=torch.float64)
+    D = torch.randn(K, T, m, generator=g, dtype=torch.float64) * (1 + X[..., :1].abs())
+    D = torch.cat([D, X[..., :1].expand(-1, -1, 1) * D[..., :1]], -1)[..., :m]
+    return X, D
+
+
+@pytest.mark.parametrize("form", ["materialized", "factored"])
+@pytest.mark.parametrize("init", ["identity", "kfac"])
+def test_matches_dense_rearrangement(form, init):
+    X, D = random_factored()
+    G = torch.bmm(D.transpose(1, 2), X)
+    m, n = G.shape[1:]
+    F = full_fisher(G)
+    A_ref, B_ref, S = dense_nkp(F, m, n)
+    src = G if form == "materialized" else (X, D)
+    res = nearest_kronecker(src, init=init, tol=1e-12, max_sweeps=500)
+    assert res.converged
+    kron = torch.kron(res.A.double(), res.B.double())
+    assert rel(kron, torch.kron(A_ref, B_ref)) < 1e-5
+    assert res.s1 == pytest.approx(float(S[0]), rel=1e-5)
+    assert res.fisher_norm == pytest.approx(float(torch.linalg.norm(F)), rel=1e-5)
+    assert res.eta == pytest.approx(float(S[0] ** 2 / (S**2).sum()), rel=1e-5)
+    # the deflated power estimate of s2 is a lower bound that gets close in a few sweeps
+    assert res.s2 <= float(S[1]) * (1 + 1e-4)
+    assert res.s2 > 0.5 * float(S[1])
+    # fit error is ||F - A (x) B|| / ||F||
+    assert res.fit_error == pytest.approx(rel(kron, F), rel=1e-4)
+
+
+def test_factors_are_symmetric_psd():
+    X, D = random_factored(seed=3)
+    res = nearest_kronecker((X, D), init="identity", tol=1e-10)
+    for M in (res.A, res.B):
+        assert torch.allclose(M, M.T)
+        assert torch.linalg.eigvalsh(M.double()).min() > -1e-6 * torch.linalg.eigvalsh(M.double()).max()
+        assert torch.trace(M) > 0
+
+
+def test_planted_exact_kronecker_fisher():
+    """G_k = B^1/2 Z_k A^1/2 with iid Gaussian Z gives F -> A (x) B; with finite K use the exact form:
+    G_k = P_k^T ... Here: choose G_k = b_k a_k^T with independent a, b: F = E[aa^T] (x) E[bb^T] exactly
+    when the empirical moments factorise, which holds for a full outer-product design."""
+    g = torch.Generator().manual_seed(1)
+    m, n = 5, 4
+    a = torch.randn(6, n, generator=g, dtype=torch.float64)
+    b = torch.randn(7, m, generator=g, dtype=torch.float64)
+    # every pair (a_i, b_j) once: the empirical F is exactly (mean a a^T) (x) (mean b b^T)
+    G = torch.einsum("jm,in->ijmn", b, a).reshape(-1, m, n)
+    res = nearest_kronecker(G, init="identity", tol=1e-14, max_sweeps=200)
+    assert res.fit_error < 1e-5
+    A_true = a.T @ a / a.shape[0]
+    B_true = b.T @ b / b.shape[0]
+    assert rel(torch.kron(res.A.double(), res.B.double()), torch.kron(A_true, B_true)) < 1e-5
+
+
+def test_single_token_samples_kfac_fixed_point_for_one_datum():
+    """One datum: F = (x x^T) (x) (d d^T) exactly; K-FAC and the NKP coincide."""
+    x = torch.randn(1, 1, 6, dtype=torch.float64)
+    d = torch.randn(1, 1, 4, dtype=torch.float64)
+    res = nearest_kronecker((x, d), init="identity", tol=1e-14)
+    assert res.fit_error < 1e-6
+    kfac = torch.kron(x[0].T @ x[0], d[0].T @ d[0])
+    assert rel(torch.kron(res.A.double(), res.B.double()), kfac) < 1e-6
+
+
+def test_lanczos_sign_fixed_and_matches_als():
+    X, D = random_factored(seed=5)
+    als = nearest_kronecker((X, D), tol=1e-12, max_sweeps=500)
+    lz = nearest_kronecker((X, D), method="lanczos", tol=1e-10)
+    assert torch.trace(lz.A) > 0 and torch.trace(lz.B) > 0
+    assert torch.allclose(lz.A, lz.A.T)
+    assert rel(torch.kron(lz.A.double(), lz.B.double()), torch.kron(als.A.double(), als.B.double())) < 1e-5
+
+
+def test_layerstats_input_and_kfac_init_from_stats():
+    X, D = random_factored(seed=2)
+    st = LayerStats("l", out_features=D.shape[2], in_features=X.shape[2], sample_unit="sequence",
+                    num_samples=X.shape[0], num_tokens=X.shape[0] * X.shape[1], X=X.float(), D=D.float())
+    st.xx_sum = X.reshape(-1, X.shape[2]).T @ X.reshape(-1, X.shape[2])
+    a = nearest_kronecker(st, init="kfac", tol=1e-12, max_sweeps=500)
+    b = nearest_kronecker((X, D), init="identity", tol=1e-12, max_sweeps=500)
+    assert a.init == "kfac"
+    assert rel(torch.kron(a.A.double(), a.B.double()), torch.kron(b.A.double(), b.B.double())) < 1e-4
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="empty"):
+        nearest_kronecker(torch.zeros(0, 3, 2))
+    with pytest.raises(ValueError, match="NaN"):
+        nearest_kronecker(torch.full((2, 3, 2), math.nan))
+    with pytest.raises(ValueError, match="shape"):
+        nearest_kronecker(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="X .K, T, n. and D"):
+        nearest_kronecker((torch.zeros(2, 3, 4), torch.zeros(2, 4, 5)))
+    with pytest.raises(ValueError, match="init"):
+        nearest_kronecker(torch.ones(2, 3, 2), init="random")
+    st = LayerStats("enc.l", 3, 2, "sequence")
+    with pytest.raises(ValueError, match="enc.l.*empty"):
+        nearest_kronecker(st)
