@@ -127,6 +127,28 @@ class LayerStats:
         else:
             raise ValueError(f"layer {self.name}: per-sample gradients were not collected (add 'samples' to kinds)")
 
+    def quadratic(self, dW: torch.Tensor) -> float:
+        """Exact empirical-Fisher quadratic ``1/2 vec(dW)^T F vec(dW) = mean_k <G_k, dW>^2 / 2``.
+
+        The second-order loss increase of a weight change ``dW`` (m x n) with the full Fisher of
+        the stored samples, one inner product per sample (factored: ``<D_k dW, X_k>``).
+        """
+        if self.num_samples == 0:
+            raise ValueError(f"layer {self.name}: empty statistics (no calibration samples)")
+        if tuple(dW.shape) != self.shape:
+            raise ValueError(f"layer {self.name}: dW has shape {tuple(dW.shape)}, expected {self.shape}")
+        total = 0.0
+        if self.X is not None:
+            dWf = dW.to(self.X.device, self.X.dtype)
+            for X, D in zip(self.X.split(256), self.D.split(256)):
+                inner = ((D @ dWf) * X).sum(dim=(1, 2))  # <G_k, dW> = sum (D_k dW) * X_k
+                total += float((inner.double() ** 2).sum())
+        else:
+            for G in self.per_sample_gradients():
+                inner = (G * dW.to(G.device, G.dtype)).sum(dim=(1, 2))
+                total += float((inner.double() ** 2).sum())
+        return 0.5 * total / self.num_samples
+
     def nbytes(self) -> int:
         total = 0
         for t in (self.X, self.D, self.G, self.grad_sq_sum, self.grad_sum, self.xx_sum, self.dd_sum, self.abs_x_sum):

@@ -130,5 +130,8 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="init"):
         nearest_kronecker(torch.ones(2, 3, 2), init="random")
     st = LayerStats("enc.l", 3, 2, "sequence")
+    with pytest.raises(ValueError, match="enc.l.*add 'samples'"):
+        nearest_kronecker(st)
+    st = LayerStats("enc.l", 3, 2, "sequence", X=torch.zeros(0, 1, 2), D=torch.zeros(0, 1, 3))
     with pytest.raises(ValueError, match="enc.l.*empty"):
         nearest_kronecker(st)

@@ -180,13 +180,13 @@ def _as_samples(source, device=None) -> tuple[_Samples, Optional[LayerStats]]:
     stats = None
     if isinstance(source, LayerStats):
         stats = source
+        if source.G is None and source.X is None:
+            raise ValueError(f"layer {source.name}: per-sample gradients were not collected (add 'samples' to kinds)")
         if source.num_samples == 0:
             raise ValueError(f"layer {source.name}: empty statistics (no calibration samples)")
         if source.G is not None:
             return _Samples(G=source.G, device=device), stats
-        if source.X is not None:
-            return _Samples(X=source.X, D=source.D, device=device), stats
-        raise ValueError(f"layer {source.name}: per-sample gradients were not collected (add 'samples' to kinds)")
+        return _Samples(X=source.X, D=source.D, device=device), stats
     if isinstance(source, torch.Tensor):
         if source.dim() != 3:
             raise ValueError(f"per-sample gradients must have shape (K, m, n), got {tuple(source.shape)}")
