@@ -1,0 +1,160 @@
+"""Compress a model: per-layer weighted decompositions, then ranks, then a new factorised model.
+
+Decompositions are computed once per (layer, method) and truncated to any rank, so a sweep
+over ratios or a rank slider costs no new SVDs. The input model is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .factorized import LowRankLinear, replace_layer
+from .layers import get_weight, weight_shape
+from .methods import Method, get_method
+from .ranks import kept_params, layer_params, uniform_ranks, validate_ranks
+from .solver import WeightedDecomposition, decompose
+from .stats import Cancelled, LayerStats
+
+
+@dataclass
+class LayerDecomposition:
+    """One layer under one method: the reusable SVD of its weighted matrix and what produced it."""
+
+    name: str
+    shape: tuple[int, int]
+    method: str
+    decomposition: WeightedDecomposition
+    info: dict = field(default_factory=dict)  # method diagnostics, damping, fallbacks
+    seconds: float = 0.0
+
+    @property
+    def predicted_loss(self) -> torch.Tensor:
+        return self.decomposition.predicted_loss
+
+
+def decompose_layers(
+    model: nn.Module,
+    stats: Mapping[str, LayerStats],
+    method: Any = "gfwsvd",
+    layers: Optional[list[str]] = None,
+    progress: Any = None,
+    cancel: Any = None,
+) -> dict[str, LayerDecomposition]:
+    """Weighted decomposition of each layer (all layers with statistics unless ``layers``)."""
+    method = get_method(method) if not isinstance(method, Method) else method
+    names = list(stats) if layers is None else list(layers)
+    missing = [n for n in names if n not in stats]
+    if missing:
+        raise ValueError(f"no statistics for layer(s) {', '.join(missing[:5])}; collect them first")
+    if not names:
+        raise ValueError("no layers to decompose: the statistics are empty")
+    out = {}
+    for i, name in enumerate(names):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("decomposition cancelled")
+        t0 = time.perf_counter()
+        module = model.get_submodule(name)
+        w = method.weights(stats[name])
+        dec = decompose(get_weight(module), w.left, w.right, damping=w.damping)
+        info = {k: v for k, v in w.info.items() if k != "factors"}
+        for side, rt in (("left", dec.left), ("right", dec.right)):
+            if rt is not None:
+                info[f"{side}_damping"] = rt.damping
+                info[f"{side}_fell_back"] = rt.fell_back
+        out[name] = LayerDecomposition(name, weight_shape(module), method.name, dec, info, time.perf_counter() - t0)
+        if progress:
+            progress(i + 1, len(names), f"{method.label}: {name}")
+    return out
+
+
+def resolve_ranks(
+    decs: Mapping[str, LayerDecomposition], ratio: Optional[float] = None, ranks: Optional[Mapping] = None
+) -> dict[str, Optional[int]]:
+    """Ranks from exactly one of a kept ratio (per layer) or an explicit ``{layer: rank}`` map."""
+    if (ratio is None) == (ranks is None):
+        raise ValueError("give exactly one of ratio (parameters kept per layer) or ranks ({layer: rank})")
+    shapes = {n: d.shape for n, d in decs.items()}
+    if ranks is not None:
+        return validate_ranks(shapes, ranks)
+    return uniform_ranks(shapes, ratio)
+
+
+def build_compressed(
+    model: nn.Module, decs: Mapping[str, LayerDecomposition], ranks: Mapping[str, Optional[int]]
+) -> nn.Module:
+    """A deep copy of ``model`` whose layers with a rank are ``LowRankLinear``; ``None`` stays dense."""
+    new = copy.deepcopy(model)
+    for name, r in ranks.items():
+        if r is None:
+            continue
+        up, down = decs[name].decomposition.factors(r)
+        replace_layer(new, name, LowRankLinear.replacing(new.get_submodule(name), up, down))
+    return new.eval()
+
+
+@dataclass
+class Compression:
+    """A compressed model and the record of how it was made."""
+
+    model: nn.Module
+    method: str
+    ranks: dict[str, Optional[int]]
+    decompositions: dict[str, LayerDecomposition]
+
+    def kept_ratio(self, original: nn.Module) -> dict:
+        """Parameters kept / original: over the compressed layers' weights and the whole model."""
+        shapes = {n: d.shape for n, d in self.decompositions.items()}
+        after, before = kept_params(shapes, self.ranks)
+        total_before = sum(p.numel() for p in original.parameters())
+        total_after = sum(p.numel() for p in self.model.parameters())
+        return {
+            "layers": after / before if before else 1.0,
+            "model": total_after / total_before if total_before else 1.0,
+            "layer_params_before": before, "layer_params_after": after,
+            "model_params_before": total_before, "model_params_after": total_after,
+        }
+
+    def layer_records(self) -> list[dict]:
+        recs = []
+        for name, d in self.decompositions.items():
+            m, n = d.shape
+            r = self.ranks.get(name)
+            recs.append({
+                "layer": name, "shape": [m, n], "rank": r, "dense": r is None,
+                "reason": "at or above break-even rank: kept dense" if r is None else "",
+                "params_before": m * n, "params_after": layer_params(m, n, r),
+                "predicted_loss": 0.0 if r is None else float(d.predicted_loss[r]),
+                **{k: v for k, v in d.info.items()},
+            })
+        return recs
+
+
+def compress(
+    model: nn.Module,
+    stats: Mapping[str, LayerStats],
+    method: Any = "gfwsvd",
+    ratio: Optional[float] = None,
+    ranks: Optional[Mapping[str, Optional[int]]] = None,
+    layers: Optional[list[str]] = None,
+    decompositions: Optional[Mapping[str, LayerDecomposition]] = None,
+    progress: Any = None,
+) -> Compression:
+    """Compress the layers with statistics (or ``layers``) by ``method``.
+
+    Give either ``ratio`` (parameters kept, applied per layer) or ``ranks``
+    (``{layer: rank}``, ``None`` = dense). Pass ``decompositions`` from
+    :func:`decompose_layers` to reuse them. Returns a :class:`Compression` with a new model.
+    """
+    decs = dict(decompositions) if decompositions is not None else decompose_layers(model, stats, method, layers, progress)
+    if ranks is not None and layers is None:
+        decs = {n: decs[n] for n in decs if n in ranks} or decs
+    chosen = resolve_ranks(decs, ratio, ranks)
+    decs = {n: decs[n] for n in chosen}
+    name = next(iter(decs.values())).method if decs else str(method)
+    return Compression(build_compressed(model, decs, chosen), name, chosen, decs)

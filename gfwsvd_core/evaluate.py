@@ -1,0 +1,136 @@
+"""Honest numbers about what compression lost: task metrics and per-layer loss increases.
+
+Per layer three estimates of the loss increase of ``dW = W - W_r`` are compared:
+
+* predicted  - half the weighted tail energy ``1/2 sum_{i>r} s_i^2`` (exact for the method's
+  own quadratic model; a loss estimate only when the weights are Fisher factors);
+* exact quadratic - ``mean_k <G_k, dW>^2 / 2``, the second-order term with the full empirical
+  Fisher of the calibration samples (no Kronecker assumption);
+* measured   - the change of the mean calibration loss when only that layer is compressed
+  (on request: one evaluation per layer).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Mapping, Optional, Sequence
+
+from torch import nn
+
+from .compress import Compression, LayerDecomposition, build_compressed, decompose_layers
+from .factorized import LowRankLinear, replace_layer
+from .layers import get_weight
+from .ranks import check_ratio, kept_params, uniform_ranks
+from .stats import Cancelled, LayerStats
+
+
+def exact_quadratic(stats: LayerStats, dec: LayerDecomposition, rank: Optional[int], W) -> Optional[float]:
+    """``mean_k <G_k, W - W_r>^2 / 2`` or None when per-sample gradients were not kept."""
+    if rank is None:
+        return 0.0
+    if stats.X is None and stats.G is None:
+        return None
+    dW = W.double() - dec.decomposition.reconstruct(rank)
+    return stats.quadratic(dW.float() if stats.X is not None and stats.X.dtype != dW.dtype else dW)
+
+
+def measured_increase(model: nn.Module, task: Any, batches: Sequence, dec: LayerDecomposition, rank: int,
+                      base_loss: float) -> float:
+    """Calibration-loss change with only this layer factorised at ``rank``."""
+    new = copy.deepcopy(model)
+    up, down = dec.decomposition.factors(rank)
+    replace_layer(new, dec.name, LowRankLinear.replacing(new.get_submodule(dec.name), up, down))
+    return task.measured_loss(new, batches) - base_loss
+
+
+def layer_report(
+    model: nn.Module,
+    compression: Compression,
+    stats: Optional[Mapping[str, LayerStats]] = None,
+    task: Any = None,
+    batches: Optional[Sequence] = None,
+    measure: bool = False,
+    progress: Any = None,
+    cancel: Any = None,
+) -> list[dict]:
+    """Per-layer records: rank, parameters, predicted / exact-quadratic / measured loss increase."""
+    recs = compression.layer_records()
+    base_loss = task.measured_loss(model, batches) if measure else None
+    for i, rec in enumerate(recs):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("evaluation cancelled")
+        name = rec["layer"]
+        dec = compression.decompositions[name]
+        W = get_weight(model.get_submodule(name))
+        r = compression.ranks.get(name)
+        rec["exact_quadratic"] = exact_quadratic(stats[name], dec, r, W) if stats and name in stats else None
+        if r is not None:
+            rec["relative_error"] = float((W.double() - dec.decomposition.reconstruct(r)).norm() / W.double().norm())
+        else:
+            rec["relative_error"] = 0.0
+        if measure:
+            if task is None or batches is None:
+                raise ValueError("measuring the loss increase needs a task and calibration batches")
+            rec["measured_increase"] = 0.0 if r is None else measured_increase(model, task, batches, dec, r, base_loss)
+        if progress:
+            progress(i + 1, len(recs), f"layer report: {name}")
+    return recs
+
+
+def evaluate_pair(task: Any, original: nn.Module, compressed: nn.Module, batches: Sequence,
+                  reference: Any = None) -> tuple[dict, dict]:
+    """Task metrics of the original and the compressed model on the same evaluation batches."""
+    if reference is None:
+        reference = task.reference_outputs(original, batches)
+    return task.evaluate(original, batches, reference), task.evaluate(compressed, batches, reference)
+
+
+def sweep(
+    model: nn.Module,
+    stats: Mapping[str, LayerStats],
+    task: Any,
+    batches: Sequence,
+    methods: Sequence[Any],
+    ratios: Sequence[float],
+    layers: Optional[list[str]] = None,
+    decompositions: Optional[Mapping[str, Mapping[str, LayerDecomposition]]] = None,
+    progress: Any = None,
+    cancel: Any = None,
+) -> list[dict]:
+    """Metrics over a grid of kept ratios for several methods, from one statistics pass.
+
+    Each method's decompositions are computed once (or taken from ``decompositions[method]``)
+    and truncated per ratio. Returns one record per (method, ratio) plus the dense baseline
+    (method "dense", ratio 1.0): the data of a rank/accuracy curve.
+    """
+    ratios = [check_ratio(r) for r in ratios]
+    if not methods:
+        raise ValueError("sweep needs at least one method")
+    reference = task.reference_outputs(model, batches)
+    baseline = task.evaluate(model, batches, reference)
+    rows = [{"method": "dense", "ratio": 1.0, "kept_layers": 1.0, "kept_model": 1.0, "metrics": baseline}]
+    total = len(methods) * len(ratios)
+    done = 0
+    for method in methods:
+        t0 = time.perf_counter()
+        key = method if isinstance(method, str) else method.name
+        decs = (decompositions or {}).get(key) or decompose_layers(model, stats, method, layers, cancel=cancel)
+        t_dec = time.perf_counter() - t0
+        shapes = {n: d.shape for n, d in decs.items()}
+        for ratio in ratios:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("sweep cancelled")
+            ranks = uniform_ranks(shapes, ratio)
+            comp = Compression(build_compressed(model, decs, ranks), key, ranks, dict(decs))
+            after, before = kept_params(shapes, ranks)
+            metrics = task.evaluate(comp.model, batches, reference)
+            rows.append({
+                "method": next(iter(decs.values())).method, "ratio": ratio,
+                "kept_layers": after / before, "kept_model": comp.kept_ratio(model)["model"],
+                "metrics": metrics, "decompose_seconds": t_dec,
+            })
+            done += 1
+            if progress:
+                progress(done, total, f"sweep: {key} at {ratio:.2f}")
+    return rows
