@@ -16,7 +16,7 @@ from torch import nn
 
 from .factorized import LowRankLinear, replace_layer
 from .layers import get_weight, weight_shape
-from .methods import Method, get_method
+from .methods import Method, Weights, get_method
 from .ranks import kept_params, layer_params, uniform_ranks, validate_ranks
 from .solver import WeightedDecomposition, decompose
 from .stats import Cancelled, LayerStats
@@ -32,6 +32,15 @@ class LayerDecomposition:
     decomposition: WeightedDecomposition
     info: dict = field(default_factory=dict)  # method diagnostics, damping, fallbacks
     seconds: float = 0.0
+    weights: Optional[Weights] = None  # the (left, right) weights the method produced
+
+    @property
+    def factors(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """``(A, B)`` (input side, output side) when both weights are matrices, else None."""
+        w = self.weights
+        if w is None or w.left is None or w.right is None or w.left.dim() != 2 or w.right.dim() != 2:
+            return None
+        return w.right, w.left
 
     @property
     def predicted_loss(self) -> torch.Tensor:
@@ -67,7 +76,9 @@ def decompose_layers(
             if rt is not None:
                 info[f"{side}_damping"] = rt.damping
                 info[f"{side}_fell_back"] = rt.fell_back
-        out[name] = LayerDecomposition(name, weight_shape(module), method.name, dec, info, time.perf_counter() - t0)
+        w.info = info
+        out[name] = LayerDecomposition(name, weight_shape(module), method.name, dec, info,
+                                       time.perf_counter() - t0, w)
         if progress:
             progress(i + 1, len(names), f"{method.label}: {name}")
     return out

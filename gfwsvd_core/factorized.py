@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .layers import is_linear_like, weight_shape
+from .layers import weight_shape
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -171,4 +171,4 @@ def to_dense(module: LowRankLinear) -> nn.Module:
     return dense
 
 
-__all__ = ["LowRankLinear", "parameter_count", "replace_layer", "to_dense", "is_linear_like"]
+__all__ = ["LowRankLinear", "parameter_count", "replace_layer", "to_dense"]

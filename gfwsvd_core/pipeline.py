@@ -75,8 +75,11 @@ def _timed(exp: Experiment, stage: str, t0: float) -> None:
     exp.timings[stage] = exp.timings.get(stage, 0.0) + time.perf_counter() - t0
 
 
-def prepare(**options) -> Experiment:
-    """Load the model, the task and disjoint calibration / evaluation sets (see ``DEFAULTS``)."""
+def prepare(bundle: Optional[ModelBundle] = None, **options) -> Experiment:
+    """Load the model, the task and disjoint calibration / evaluation sets (see ``DEFAULTS``).
+
+    ``bundle``: an already loaded model (e.g. the app's shared cache); it is never modified.
+    """
     unknown = set(options) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"unknown options {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
@@ -92,7 +95,8 @@ def prepare(**options) -> Experiment:
 
     timings = {}
     t0 = time.perf_counter()
-    bundle = load_model(s["model"], task=s["task"], device=s["device"])
+    if bundle is None:
+        bundle = load_model(s["model"], task=s["task"], device=s["device"])
     timings["load_model"] = time.perf_counter() - t0
     task = get_task(bundle.task)
     t0 = time.perf_counter()

@@ -1,0 +1,251 @@
+"""Headless entry point: ``gfwsvd compress | evaluate | sweep`` (also ``python -m gfwsvd_core``).
+
+User errors (bad model id, unknown method, ratio outside (0, 1], unreadable data, bad ranks
+file, tampered export) print one line ``error: ...`` and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """An error whose message is for the user; the CLI prints it and exits 2."""
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ratio must be a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1] (parameters kept / original), got {value}")
+    return value
+
+
+def _ratios(text: str) -> list[float]:
+    return [_ratio(t) for t in text.split(",") if t.strip()]
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser, single_method: bool = True) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="default", help="'default' (bundled all-MiniLM-L6-v2), an HF id or a local folder")
+    g.add_argument("--task", choices=["retrieval", "causal-lm", "classification"], help="default: from the model config")
+    g.add_argument("--calib", default="default",
+                   help="'default' (pydoc topics), an HF dataset name[:config], or a .txt/.jsonl/.csv file")
+    g.add_argument("--text-column", help="text column of a .jsonl/.csv file or HF dataset")
+    g.add_argument("--split", default="train", help="HF dataset split")
+    g.add_argument("--samples", type=_positive, default=128, help="calibration texts (default 128)")
+    g.add_argument("--eval-samples", type=_positive, default=256, help="held-out evaluation texts (default 256)")
+    g.add_argument("--max-length", type=_positive, default=128, help="tokens per text (default 128)")
+    g.add_argument("--batch-size", type=_positive, default=8)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    f = p.add_argument_group("Fisher statistics")
+    f.add_argument("--fisher", choices=["empirical", "mc"], default="empirical",
+                   help="data labels (empirical) or targets sampled from the model (mc)")
+    f.add_argument("--sample-unit", choices=["token", "sequence", "batch"], help="default: the task's")
+    f.add_argument("--layers", nargs="+", help="layer name patterns (glob, substring or re:REGEX); default: all block linears")
+    c = p.add_argument_group("compression")
+    if single_method:
+        c.add_argument("--method", default="gfwsvd", help="svd, fwsvd, kfac, gfwsvd, asvd, svdllm")
+        how = c.add_mutually_exclusive_group()
+        how.add_argument("--ratio", type=_ratio, help="parameters kept per layer, in (0, 1] (default 0.5)")
+        how.add_argument("--ranks", type=Path, help="JSON file {layer: rank or null}")
+    else:
+        c.add_argument("--methods", default="svd,fwsvd,kfac,gfwsvd", help="comma-separated methods")
+        c.add_argument("--ratios", type=_ratios, default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.8], help="comma-separated kept ratios")
+    p.add_argument("--report", type=Path, help="write the JSON report here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gfwsvd", description="Fisher-weighted low-rank compression of transformer linear layers.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compress", help="compress a model and export it")
+    _common(c)
+    c.add_argument("--out", type=Path, required=True, help="folder for the compressed model")
+    c.add_argument("--dense", action="store_true", help="also export a dense copy (factors multiplied back) to OUT-dense")
+    e = sub.add_parser("evaluate", help="compress in memory and report per-layer predicted / exact / measured loss")
+    _common(e)
+    e.add_argument("--measure", action="store_true", help="measure each layer's loss increase alone (one evaluation per layer)")
+    e.add_argument("--compressed", type=Path, help="evaluate this exported folder instead of compressing (against --model)")
+    e.add_argument("--out", type=Path, help="also export the compressed model here")
+    s = sub.add_parser("sweep", help="metrics over kept ratios for several methods (rank/accuracy curves)")
+    _common(s, single_method=False)
+    s.add_argument("--out", type=Path, help="folder for the sweep report (sweep.json)")
+    return p
+
+
+def _progress(quiet: bool):
+    if quiet:
+        return None
+    from tqdm.auto import tqdm
+
+    state = {"bar": None, "desc": None}
+
+    def update(done, total, msg):
+        stage = msg.split(":")[0]
+        if state["bar"] is None or state["desc"] != stage:
+            if state["bar"] is not None:
+                state["bar"].close()
+            state["bar"] = tqdm(total=total, desc=stage, unit="step", file=sys.stderr, leave=False)
+            state["desc"] = stage
+        state["bar"].n = done
+        state["bar"].refresh()
+        if total is not None and done >= total:
+            state["bar"].close()
+            state["bar"] = None
+
+    return update
+
+
+def _load_ranks(path: Path) -> dict:
+    try:
+        ranks = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"ranks file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"ranks file {path} is not valid JSON: expected {{\"layer name\": rank or null}}") from None
+    if not isinstance(ranks, dict) or not ranks:
+        raise UserError(f"ranks file {path} must hold a non-empty JSON object {{\"layer name\": rank or null}}")
+    return ranks
+
+
+def _options(a) -> dict:
+    return {
+        "model": a.model, "task": a.task, "calib": a.calib, "text_column": a.text_column, "split": a.split,
+        "samples": a.samples, "eval_samples": a.eval_samples, "max_length": a.max_length,
+        "batch_size": a.batch_size, "seed": a.seed, "fisher": a.fisher, "sample_unit": a.sample_unit,
+        "layers": a.layers, "device": a.device,
+    }
+
+
+def _print_metrics(rep: dict) -> None:
+    base, new = rep.get("baseline_metrics") or {}, rep.get("metrics") or {}
+    print(f"method {rep['method']}: kept {rep['kept_ratio']['layers']:.3f} of the compressed layers' "
+          f"parameters, {rep['kept_ratio']['model']:.3f} of the model")
+    for k in new:
+        print(f"  {k:>10}: {base.get(k, float('nan')):.4f} -> {new[k]:.4f}")
+    dense = rep.get("dense_layers") or []
+    if dense:
+        print(f"  {len(dense)} layer(s) kept dense (rank at or above break-even)")
+
+
+def cmd_compress(a) -> int:
+    from . import pipeline
+    from .io import export_dense, save_compressed
+
+    exp = pipeline.prepare(**_options(a))
+    prog = _progress(a.quiet)
+    pipeline.collect(exp, methods=[a.method], progress=prog)
+    ranks = _load_ranks(a.ranks) if a.ranks else None
+    comp, rep = pipeline.run_compression(exp, a.method, ratio=None if ranks else (a.ratio or 0.5), ranks=ranks,
+                                         progress=prog)
+    save_compressed(comp.model, a.out, tokenizer=exp.bundle.tokenizer, method=comp.method,
+                    source_model=str(a.model), calibration=exp.data_record())
+    if a.dense:
+        export_dense(comp.model, Path(str(a.out) + "-dense"), tokenizer=exp.bundle.tokenizer)
+    rep["export"] = str(a.out)
+    if a.report:
+        pipeline.write_json(rep, a.report)
+    _print_metrics(rep)
+    print(f"saved to {a.out}; load with: from gfwsvd_core.io import load_compressed; model = load_compressed({str(a.out)!r})")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from . import pipeline
+    from .io import load_compressed, save_compressed
+
+    exp = pipeline.prepare(**_options(a))
+    if a.compressed:
+        model = load_compressed(a.compressed, device=exp.model.device)
+        base, metrics = pipeline.evaluate_pair(exp.task, exp.model, model, exp.eval_batches, exp.reference())
+        rep = {"compressed": str(a.compressed), "model": a.model, "baseline_metrics": base, "metrics": metrics,
+               "calibration": exp.data_record(), "timings": exp.timings}
+        for k in metrics:
+            print(f"  {k:>10}: {base.get(k, float('nan')):.4f} -> {metrics[k]:.4f}")
+    else:
+        prog = _progress(a.quiet)
+        pipeline.collect(exp, methods=[a.method], progress=prog)
+        ranks = _load_ranks(a.ranks) if a.ranks else None
+        comp, rep = pipeline.run_compression(exp, a.method, ratio=None if ranks else (a.ratio or 0.5), ranks=ranks,
+                                             measure=a.measure, progress=prog)
+        _print_metrics(rep)
+        print(f"{'layer':<48} {'rank':>5} {'predicted':>11} {'exact quad':>11}" + (f" {'measured':>11}" if a.measure else ""))
+        for r in rep["layers"]:
+            line = f"{r['layer']:<48} {str(r['rank']):>5} {r['predicted_loss']:>11.3e} {_fmt(r.get('exact_quadratic'))}"
+            if a.measure:
+                line += f" {_fmt(r.get('measured_increase'))}"
+            print(line)
+        if a.out:
+            save_compressed(comp.model, a.out, tokenizer=exp.bundle.tokenizer, method=comp.method,
+                            source_model=str(a.model), calibration=exp.data_record())
+    if a.report:
+        pipeline.write_json(rep, a.report)
+    return 0
+
+
+def _fmt(x) -> str:
+    return f"{x:>11.3e}" if isinstance(x, (int, float)) else f"{'n/a':>11}"
+
+
+def cmd_sweep(a) -> int:
+    from . import pipeline
+    from .methods import get_method
+
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    for m in methods:
+        get_method(m)  # validate before the long work
+    exp = pipeline.prepare(**_options(a))
+    prog = _progress(a.quiet)
+    pipeline.collect(exp, methods=methods, progress=prog)
+    rep = pipeline.run_sweep(exp, methods, a.ratios, progress=prog)
+    keys = list(rep["rows"][0]["metrics"])
+    print(f"{'method':<8} {'ratio':>6} {'kept':>6} " + " ".join(f"{k:>10}" for k in keys))
+    for row in rep["rows"]:
+        print(f"{row['method']:<8} {row['ratio']:>6.2f} {row['kept_layers']:>6.3f} "
+              + " ".join(f"{row['metrics'][k]:>10.4f}" for k in keys))
+    if a.out:
+        pipeline.write_json(rep, Path(a.out) / "sweep.json")
+    if a.report:
+        pipeline.write_json(rep, a.report)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    from .io import CompressedFormatError
+    from .stats import Cancelled
+
+    try:
+        return {"compress": cmd_compress, "evaluate": cmd_evaluate, "sweep": cmd_sweep}[a.command](a)
+    except (UserError, ValueError, CompressedFormatError, FileNotFoundError) as exc:
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except (KeyboardInterrupt, Cancelled):
+        print("error: cancelled", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

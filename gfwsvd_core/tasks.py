@@ -1,0 +1,376 @@
+"""Tasks: how texts become batches, which loss defines the Fisher, and which metrics to report.
+
+Each task is one small class on :class:`Task`:
+
+* ``make_batches``  - texts (and labels) -> list of plain dicts of tensors;
+* ``fisher_loss``   - the loss whose gradients define the Fisher. Per-sample losses ``(B,)`` for
+  causal LM and classification (so per-sample gradients are exact whatever the model's own
+  reduction); a scalar for retrieval, whose InfoNCE loss couples the batch (sample unit: batch);
+* ``evaluate``      - deterministic held-out metrics (``reference_outputs`` of the uncompressed
+  model feed fidelity metrics);
+* ``measured_loss`` - the calibration loss whose change is compared with predicted increases.
+
+``fisher="empirical"`` uses the data targets; ``fisher="mc"`` samples targets from the model's
+own predictive distribution (the true Fisher in expectation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FISHER_KINDS = ("empirical", "mc")
+_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _model_inputs(model: nn.Module, batch: dict) -> dict[str, Tensor]:
+    """The batch entries the model's forward accepts (input_ids, attention_mask, token_type_ids)."""
+    params = inspect.signature(model.forward).parameters
+    takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    dev = _device(model)
+    out = {}
+    for k in _MODEL_INPUTS:
+        if k in batch and (k in params or (takes_kwargs and k != "token_type_ids")):
+            out[k] = batch[k].to(dev)
+    return out
+
+
+def _check_fisher(fisher: str) -> None:
+    if fisher not in FISHER_KINDS:
+        raise ValueError(f"unknown fisher {fisher!r}; valid: {', '.join(FISHER_KINDS)}")
+
+
+def _sample(probs: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    """One draw per row of ``probs`` (R, C) -> (R,), on the generator's device if it has one."""
+    if generator is not None and generator.device != probs.device:
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(1).to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _chunks(n: int, size: int) -> list[range]:
+    if size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {size}")
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _check_texts(texts: Sequence[str]) -> list[str]:
+    texts = list(texts)
+    if not texts:
+        raise ValueError("no texts to batch; pass at least one text")
+    if not all(isinstance(t, str) for t in texts):
+        raise ValueError("texts must be strings; pass a list of str")
+    return texts
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Evaluation mode and no gradients for the duration; the previous mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------- base class
+
+
+class Task:
+    """Base class: one subclass per task; instances are stateless."""
+
+    name: str = ""
+    default_sample_unit: str = "sequence"
+    higher_is_better: dict[str, bool] = {}
+    primary_metric: str = "loss"
+
+    def make_batches(self, tokenizer, texts: Sequence[str], labels: Optional[Sequence] = None,
+                     max_length: int = 128, batch_size: int = 8) -> list[dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def fisher_loss(self, model: nn.Module, batch: dict, fisher: str = "empirical",
+                    generator: Optional[torch.Generator] = None) -> Tensor:
+        raise NotImplementedError
+
+    def reference_outputs(self, model: nn.Module, batches: Sequence[dict]) -> Any:
+        """Outputs of the (uncompressed) model that fidelity metrics compare with; None here."""
+        return None
+
+    def evaluate(self, model: nn.Module, batches: Sequence[dict], reference: Any = None) -> dict[str, float]:
+        raise NotImplementedError
+
+    def measured_loss(self, model: nn.Module, batches: Sequence[dict]) -> float:
+        """Mean over batches of the empirical loss per sample (per pair for retrieval).
+
+        This is the loss of which the Fisher is the curvature (one sample = one sequence, or one
+        batch for retrieval), so its increase is what predicted loss increases estimate.
+        """
+        if not batches:
+            raise ValueError("no batches to measure the loss on")
+        total = 0.0
+        with _eval_mode(model):
+            for b in batches:
+                loss = self.fisher_loss(model, b, fisher="empirical")
+                total += float(loss.mean()) if loss.dim() else float(loss)
+        return total / len(batches)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+# --------------------------------------------------------------------------- retrieval
+
+
+class RetrievalTask(Task):
+    """Passage retrieval: query = first half of a passage's words, positive = second half.
+
+    Embeddings are mean-pooled over the attention mask and L2-normalised; the loss is InfoNCE
+    query -> passage with in-batch negatives at temperature 0.05. A batch of B pairs holds the
+    stacked ``[queries; positives]`` (2B rows, queries first).
+    """
+
+    name = "retrieval"
+    default_sample_unit = "batch"
+    higher_is_better = {"loss": False, "top1": True, "mrr": True, "fidelity": True}
+    primary_metric = "top1"
+    temperature = 0.05
+
+    def make_batches(self, tokenizer, texts, labels=None, max_length=128, batch_size=8):
+        texts = _check_texts(texts)
+        pairs = []
+        for i, t in enumerate(texts):
+            words = t.split()
+            if len(words) < 2:
+                raise ValueError(f"text {i} has fewer than 2 words; retrieval needs texts it can split into query and passage")
+            half = len(words) // 2
+            pairs.append((" ".join(words[:half]), " ".join(words[half:])))
+        if len(pairs) < 2:
+            raise ValueError("retrieval needs at least 2 texts (in-batch negatives); pass more texts")
+        chunks = _chunks(len(pairs), max(batch_size, 2))
+        if len(chunks) > 1 and len(chunks[-1]) < 2:  # a lone pair has no negative: join the previous batch
+            chunks[-2] = range(chunks[-2].start, chunks[-1].stop)
+            chunks.pop()
+        batches = []
+        for idx in chunks:
+            rows = [pairs[i][0] for i in idx] + [pairs[i][1] for i in idx]
+            enc = tokenizer(rows, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            batches.append({k: enc[k] for k in _MODEL_INPUTS if k in enc})
+        return batches
+
+    def embed(self, model: nn.Module, batch: dict) -> Tensor:
+        """Mean-pooled, L2-normalised embeddings of every row of the batch, (rows, d)."""
+        inputs = _model_inputs(model, batch)
+        out = model(**inputs)
+        hidden = getattr(out, "last_hidden_state", None)
+        if hidden is None:  # e.g. a causal LM used as an encoder
+            hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]
+        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (R, T, 1)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (R, d)
+        return F.normalize(pooled.float(), dim=-1)
+
+    def _split(self, model, batch) -> tuple[Tensor, Tensor]:
+        e = self.embed(model, batch)  # (2B, d)
+        if e.shape[0] % 2:
+            raise ValueError("a retrieval batch must hold [queries; positives] with an even number of rows")
+        b = e.shape[0] // 2
+        return e[:b], e[b:]
+
+    def fisher_loss(self, model, batch, fisher="empirical", generator=None):
+        _check_fisher(fisher)
+        q, p = self._split(model, batch)
+        logits = q @ p.T / self.temperature  # (B, B): 20 * cosine
+        if fisher == "empirical":
+            target = torch.arange(q.shape[0], device=logits.device)
+        else:
+            target = _sample(torch.softmax(logits.detach(), dim=-1), generator)
+        return F.cross_entropy(logits, target)
+
+    def reference_outputs(self, model, batches):
+        """(queries, passages) embeddings over the whole evaluation set, on CPU."""
+        qs, ps = [], []
+        with _eval_mode(model):
+            for b in batches:
+                q, p = self._split(model, b)
+                qs.append(q.cpu())
+                ps.append(p.cpu())
+        return torch.cat(qs), torch.cat(ps)
+
+    def evaluate(self, model, batches, reference=None):
+        """Loss, top-1 and MRR against the fixed pool of all evaluation positives; fidelity."""
+        if not batches:
+            raise ValueError("no evaluation batches")
+        q, p = self.reference_outputs(model, batches)  # (N, d) each
+        scores = q @ p.T  # (N, N) cosines
+        n = scores.shape[0]
+        target = torch.arange(n)
+        loss = F.cross_entropy(scores / self.temperature, target)
+        correct = scores[target, target]
+        rank = 1 + (scores > correct[:, None]).sum(1)  # strict: ties favour the positive
+        out = {"loss": float(loss), "top1": float((rank == 1).float().mean()),
+               "mrr": float((1.0 / rank.float()).mean())}
+        if reference is not None:
+            rq, rp = reference
+            if rq.shape != q.shape or rp.shape != p.shape:
+                raise ValueError("the reference embeddings come from other batches; compute them on the same batches")
+            fid = torch.cat([(q * rq).sum(-1), (p * rp).sum(-1)])
+            out["fidelity"] = float(fid.mean())
+        return out
+
+
+# --------------------------------------------------------------------------- causal LM
+
+
+class CausalLMTask(Task):
+    """Next-token prediction; per-sample loss = the sequence's summed token cross-entropy."""
+
+    name = "causal-lm"
+    default_sample_unit = "sequence"
+    higher_is_better = {"loss": False, "perplexity": False}
+    primary_metric = "perplexity"
+
+    def make_batches(self, tokenizer, texts, labels=None, max_length=128, batch_size=8):
+        texts = _check_texts(texts)
+        if tokenizer.pad_token is None:
+            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (load_model does it)")
+        batches = []
+        for idx in _chunks(len(texts), batch_size):
+            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            batches.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+        return batches
+
+    def _token_nll(self, model, batch, fisher="empirical", generator=None) -> tuple[Tensor, Tensor]:
+        """Per-token NLL (B, T-1), zero at invalid targets, and the valid-target mask."""
+        inputs = _model_inputs(model, batch)
+        logits = model(**inputs).logits[:, :-1].float()  # (B, T-1, V)
+        if "labels" in batch:
+            targets = batch["labels"].to(logits.device)[:, 1:]
+        else:
+            targets = inputs["input_ids"][:, 1:].masked_fill(inputs["attention_mask"][:, 1:] == 0, -100)
+        valid = targets != -100  # (B, T-1)
+        if fisher == "mc":
+            probs = torch.softmax(logits.detach(), dim=-1).flatten(0, 1)  # (B*(T-1), V)
+            sampled = _sample(probs, generator).view_as(targets)
+            targets = sampled.masked_fill(~valid, -100)
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")  # (B, T-1)
+        return nll, valid
+
+    def fisher_loss(self, model, batch, fisher="empirical", generator=None):
+        _check_fisher(fisher)
+        nll, _ = self._token_nll(model, batch, fisher, generator)
+        return nll.sum(1)  # (B,)
+
+    def evaluate(self, model, batches, reference=None):
+        """Mean token NLL over all valid targets and its perplexity."""
+        if not batches:
+            raise ValueError("no evaluation batches")
+        total, count = 0.0, 0
+        with _eval_mode(model):
+            for b in batches:
+                nll, valid = self._token_nll(model, b)
+                total += float(nll.sum())
+                count += int(valid.sum())
+        if count == 0:
+            raise ValueError("the evaluation texts have no next-token targets; use longer texts")
+        loss = total / count
+        return {"loss": loss, "perplexity": math.exp(loss)}
+
+
+# --------------------------------------------------------------------------- classification
+
+
+class ClassificationTask(Task):
+    """Sequence classification with integer labels; per-sample cross-entropy."""
+
+    name = "classification"
+    default_sample_unit = "sequence"
+    higher_is_better = {"loss": False, "accuracy": True}
+    primary_metric = "accuracy"
+
+    def make_batches(self, tokenizer, texts, labels=None, max_length=128, batch_size=8):
+        texts = _check_texts(texts)
+        if labels is None:
+            raise ValueError("classification needs labels; pass data with a label column")
+        labels = list(labels)
+        if len(labels) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(labels)} labels; give one label per text")
+        if not all(isinstance(y, int) and not isinstance(y, bool) and y >= 0 for y in labels):
+            raise ValueError("classification labels must be non-negative integers; map label names to ids first")
+        batches = []
+        for idx in _chunks(len(texts), batch_size):
+            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")
+            batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                            "labels": torch.tensor([labels[i] for i in idx], dtype=torch.long)})
+        return batches
+
+    def _logits(self, model, batch) -> tuple[Tensor, Tensor]:
+        logits = model(**_model_inputs(model, batch)).logits.float()  # (B, C)
+        labels = batch["labels"].to(logits.device)
+        if int(labels.max()) >= logits.shape[-1]:
+            raise ValueError(
+                f"label {int(labels.max())} is out of range for a model with {logits.shape[-1]} classes; "
+                "check the label column or load the model with matching num_labels"
+            )
+        return logits, labels
+
+    def fisher_loss(self, model, batch, fisher="empirical", generator=None):
+        _check_fisher(fisher)
+        logits, labels = self._logits(model, batch)
+        if fisher == "mc":
+            labels = _sample(torch.softmax(logits.detach(), dim=-1), generator)
+        return F.cross_entropy(logits, labels, reduction="none")  # (B,)
+
+    def evaluate(self, model, batches, reference=None):
+        """Mean cross-entropy and accuracy over all samples."""
+        if not batches:
+            raise ValueError("no evaluation batches")
+        total, correct, n = 0.0, 0, 0
+        with _eval_mode(model):
+            for b in batches:
+                logits, labels = self._logits(model, b)
+                total += float(F.cross_entropy(logits, labels, reduction="sum"))
+                correct += int((logits.argmax(-1) == labels).sum())
+                n += labels.numel()
+        return {"loss": total / n, "accuracy": correct / n}
+
+
+# --------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, type[Task]] = {
+    RetrievalTask.name: RetrievalTask,
+    CausalLMTask.name: CausalLMTask,
+    ClassificationTask.name: ClassificationTask,
+}
+TASKS = tuple(_REGISTRY)
+
+
+def get_task(name: str) -> Task:
+    """A task instance by name (``TASKS``)."""
+    if isinstance(name, Task):
+        return name
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+    return _REGISTRY[name]()
+
+
+def make_batches(tokenizer, texts: Sequence[str], labels: Optional[Sequence] = None, max_length: int = 128,
+                 batch_size: int = 8, task: str = "retrieval") -> list[dict[str, Tensor]]:
+    """Module-level shortcut for ``get_task(task).make_batches(...)``."""
+    return get_task(task).make_batches(tokenizer, texts, labels, max_length, batch_size)
