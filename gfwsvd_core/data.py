@@ -18,7 +18,7 @@ import math
 import os
 import re
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -41,7 +41,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?:;])\s+")
 class TextSource:
     """Texts (one sample each), optional labels aligned with them, and a JSON-ready description.
 
-    ``description`` always has ``kind`` ("default", "file", "hf-dataset" or "subset"), ``count``
+    ``description`` always has ``kind`` ("default", "file", "hf" or "subset"), ``count``
     and ``sha256`` (of the texts and labels, see :func:`content_sha256`).
     """
 
@@ -95,32 +95,40 @@ def _pieces(paragraph: list[str], max_words: int) -> list[list[str]]:
     return pieces
 
 
-def _pack(paragraphs: list[list[str]], min_words: int, max_words: int) -> list[list[str]]:
+def _pack(paragraphs: list[list[str]], min_words: int, max_words: int, slack: int = 10) -> list[list[str]]:
     """Greedy packing of one topic's paragraphs into passages of ``min_words..max_words`` words.
 
-    Whole paragraphs are preferred; a paragraph is split into sentences only when it is longer
-    than ``max_words`` or does not fit the passage being filled. A passage is closed as soon as it
-    reaches ``min_words`` (short passages: more of them, and queries/positives that stay on one
-    topic). A short tail is merged into the previous passage, or the two are rebalanced.
+    Whole paragraphs are preferred. A paragraph is split into sentences when it is longer than
+    ``max_words``, or when appending it whole would overshoot ``min_words`` by more than
+    ``slack`` words (then only the sentences needed are taken and the rest starts the next
+    passage). A passage is closed as soon as it reaches ``min_words``: short passages mean more
+    of them, from a corpus of only ~52k distinct words. A short tail is merged into the previous
+    passage, or the two are rebalanced.
     """
     passages: list[list[str]] = []
     buf: list[str] = []
-    queue: list[tuple[list[str], bool]] = [(p, True) for p in paragraphs]  # (words, whole paragraph?)
-    queue.reverse()  # pop() from the end = next unit
+    queue: list[tuple[list[str], bool]] = [(p, True) for p in reversed(paragraphs)]  # (words, whole paragraph?)
     while queue:
-        unit, whole = queue.pop()
-        if len(buf) + len(unit) <= max_words:
+        unit, whole = queue.pop()  # next unit is at the end
+        total = len(buf) + len(unit)
+        overshoot = bool(buf) and total > min_words + slack
+        if total <= max_words and not (whole and overshoot):
             buf.extend(unit)
             if len(buf) >= min_words:
                 passages.append(buf)
                 buf = []
-        elif whole:  # split this paragraph into sentences and retry them one by one
-            queue.extend(reversed([(p, False) for p in _pieces(unit, max_words)]))
-        else:  # a single sentence that does not fit: cut it by word count
+            continue
+        pieces = _pieces(unit, max_words) if whole else [unit]
+        if len(pieces) > 1:  # retry sentence by sentence
+            queue.extend((piece, False) for piece in reversed(pieces))
+        elif total <= max_words:  # a one-sentence paragraph that fits: keep it whole
+            queue.append((unit, False))
+        else:  # one sentence that does not fit: cut it by word count
             take = max_words - len(buf)
             buf.extend(unit[:take])
-            passages.append(buf)
-            buf = []
+            if len(buf) >= min_words:
+                passages.append(buf)
+                buf = []
             queue.append((unit[take:], False))
     if buf:
         if passages and len(passages[-1]) + len(buf) <= max_words:
@@ -129,7 +137,7 @@ def _pack(paragraphs: list[list[str]], min_words: int, max_words: int) -> list[l
             joined = passages.pop() + buf
             half = len(joined) // 2
             passages.extend([joined[:half], joined[half:]])
-        # else: a topic shorter than min_words in all (none in CPython's topics); dropped
+        # else: a topic shorter than min_words in all; dropped
     return passages
 
 
@@ -138,10 +146,15 @@ def _default_passages(min_words: int, max_words: int) -> tuple[str, ...]:
     from pydoc_data.topics import topics
 
     out: list[str] = []
+    seen: set[str] = set()
     for key in sorted(topics):
-        paragraphs = [_words(p) for p in _paragraphs(topics[key])]
+        paragraphs = []
+        for p in _paragraphs(topics[key]):
+            if p not in seen:  # several topics repeat whole sections of others
+                seen.add(p)
+                paragraphs.append(_words(p))
         out.extend(" ".join(p) for p in _pack(paragraphs, min_words, max_words))
-    return tuple(out)
+    return tuple(dict.fromkeys(out))
 
 
 def default_passages(min_words: int = 40, max_words: int = 120) -> list[str]:
@@ -150,7 +163,8 @@ def default_passages(min_words: int = 40, max_words: int = 120) -> list[str]:
     The 79 help topics (~65k words, shipped with every CPython, so nothing is downloaded) are
     read in sorted key order, split into whitespace-normalised paragraphs (heading underlines
     dropped) and packed into passages of ``min_words..max_words`` words that never cross a topic.
-    With the defaults this gives ~1500 passages. Deterministic.
+    Paragraphs repeated by several topics are kept once, so passages are distinct. With the
+    defaults this gives ~1000 passages (~52k distinct words at 40+ words each). Deterministic.
     """
     if not isinstance(min_words, int) or not isinstance(max_words, int) or min_words < 2 or max_words < min_words:
         raise ValueError(
@@ -212,22 +226,36 @@ def _csv_rows(content: str, path: Path) -> tuple[list[dict], list[str]]:
     return rows, columns
 
 
-def _pick_text_column(columns: list[str], sample: dict, text_column: Optional[str], where: str) -> str:
+def _available(columns: list[str]) -> str:
+    return ", ".join(map(repr, columns)) or "none"
+
+
+def _pick_text_column(columns: list[str], sample: dict, text_column: Optional[str], where: str,
+                      any_string: bool) -> str:
+    """The explicit column, else "text", else "sentence", else (``any_string``) the first string column."""
     if text_column is not None:
         if text_column not in columns:
-            raise ValueError(
-                f"{where} has no column {text_column!r}; available columns: {', '.join(map(repr, columns)) or 'none'}"
-            )
+            raise ValueError(f"{where} has no column {text_column!r}; available columns: {_available(columns)}")
         return text_column
     for name in TEXT_COLUMNS:
         if name in columns:
             return name
-    for name in columns:
-        if isinstance(sample.get(name), str):
-            return name
+    if any_string:
+        for name in columns:
+            if isinstance(sample.get(name), str):
+                return name
     raise ValueError(
-        f"{where} has no text column; pass text_column= one of: {', '.join(map(repr, columns)) or 'none'}"
+        f"{where} has no 'text' or 'sentence' column; pass text_column=, available columns: {_available(columns)}"
     )
+
+
+def _pick_label_column(columns: list[str], label_column: Optional[str], text_column: str, where: str) -> Optional[str]:
+    """The explicit label column (must exist), else "label" when present, else None."""
+    if label_column is not None:
+        if label_column not in columns:
+            raise ValueError(f"{where} has no label column {label_column!r}; available columns: {_available(columns)}")
+        return label_column
+    return LABEL_COLUMN if LABEL_COLUMN in columns and text_column != LABEL_COLUMN else None
 
 
 def _normalise_labels(labels: list) -> Optional[list]:
@@ -239,11 +267,13 @@ def _normalise_labels(labels: list) -> Optional[list]:
     return labels
 
 
-def _rows_to_source(rows: list[dict], columns: list[str], text_column: Optional[str], where: str) -> tuple[list[str], Optional[list], str, int]:
+def _rows_to_source(rows: list[dict], columns: list[str], text_column: Optional[str], label_column: Optional[str],
+                    where: str, any_string: bool) -> tuple[list[str], Optional[list], str, Optional[str], int]:
     if not rows:
         raise ValueError(f"{where} has no rows; give data with at least one text")
-    column = _pick_text_column(columns, rows[0], text_column, where)
-    has_labels = LABEL_COLUMN in columns and column != LABEL_COLUMN
+    column = _pick_text_column(columns, rows[0], text_column, where, any_string)
+    label_name = _pick_label_column(columns, label_column, column, where)
+    has_labels = label_name is not None
     texts, labels, skipped = [], [], 0
     for i, row in enumerate(rows):
         value = row.get(column)
@@ -256,15 +286,16 @@ def _rows_to_source(rows: list[dict], columns: list[str], text_column: Optional[
             )
         texts.append(value)
         if has_labels:
-            labels.append(row.get(LABEL_COLUMN))
+            labels.append(row.get(label_name))
     if not texts:
         raise ValueError(f"{where}: column {column!r} has only empty values; pick another column with text_column=")
     if has_labels and any(lab is None or (isinstance(lab, str) and not lab.strip()) for lab in labels):
-        raise ValueError(f"{where}: some rows have no {LABEL_COLUMN!r} value; give every row a label or drop the column")
-    return texts, (_normalise_labels(labels) if has_labels else None), column, skipped
+        raise ValueError(f"{where}: some rows have no {label_name!r} value; give every row a label or drop the column")
+    labels = _normalise_labels(labels) if has_labels else None
+    return texts, labels, column, (label_name if labels is not None else None), skipped
 
 
-def _load_file(path: Path, text_column: Optional[str]) -> TextSource:
+def _load_file(path: Path, text_column: Optional[str], label_column: Optional[str]) -> TextSource:
     suffix = path.suffix.lower()
     if not path.exists():
         raise ValueError(f"file '{path}' does not exist; check the path")
@@ -272,27 +303,29 @@ def _load_file(path: Path, text_column: Optional[str]) -> TextSource:
         raise ValueError(f"'{path}' is a folder; give a .txt, .jsonl or .csv file")
     content = _read_text_file(path)
     labels = None
-    column = None
+    column = label_name = None
     skipped = 0
     if suffix == ".txt":
-        if text_column is not None:
-            raise ValueError("a .txt file has no columns; leave text_column unset or use a .jsonl/.csv file")
+        if text_column is not None or label_column is not None:
+            raise ValueError("a .txt file has no columns; leave text_column/label_column unset or use a .jsonl/.csv file")
         texts = _txt_texts(content)
         if not texts:
             raise ValueError(f"file '{path}' is empty; give a file with at least one text")
     elif suffix == ".jsonl":
         rows = _jsonl_rows(content, path)
         columns = list(dict.fromkeys(k for row in rows[:100] for k in row))
-        texts, labels, column, skipped = _rows_to_source(rows, columns, text_column, f"file '{path}'")
+        texts, labels, column, label_name, skipped = _rows_to_source(
+            rows, columns, text_column, label_column, f"file '{path}'", any_string=False)
     else:  # .csv
         rows, columns = _csv_rows(content, path)
-        texts, labels, column, skipped = _rows_to_source(rows, columns, text_column, f"file '{path}'")
+        texts, labels, column, label_name, skipped = _rows_to_source(
+            rows, columns, text_column, label_column, f"file '{path}'", any_string=False)
     description = {
         "kind": "file",
         "path": str(path.resolve()),
         "format": suffix[1:],
         "column": column,
-        "label_column": LABEL_COLUMN if labels is not None else None,
+        "label_column": label_name,
         "skipped_empty": skipped,
         "file_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
     }
@@ -328,7 +361,7 @@ def _offline_if_requested() -> Iterator[None]:
         hconstants.HF_HUB_OFFLINE, dconfig.HF_HUB_OFFLINE, dconfig.HF_DATASETS_OFFLINE = saved
 
 
-def _load_hf(source: str, text_column: Optional[str], split: str) -> TextSource:
+def _load_hf(source: str, text_column: Optional[str], label_column: Optional[str], split: str) -> TextSource:
     import datasets
     from datasets.exceptions import DatasetsError
 
@@ -352,15 +385,16 @@ def _load_hf(source: str, text_column: Optional[str], split: str) -> TextSource:
         raise ValueError(f"{label} did not load as one table; name a single split, e.g. split='train'")
     columns = list(ds.column_names)
     rows = ds.to_list() if len(ds) else []
-    texts, labels, column, skipped = _rows_to_source(rows, columns, text_column, label)
+    texts, labels, column, label_name, skipped = _rows_to_source(
+        rows, columns, text_column, label_column, label, any_string=True)
     fingerprint = getattr(ds, "_fingerprint", None)
     description = {
-        "kind": "hf-dataset",
+        "kind": "hf",
         "name": name,
         "config": config,
         "split": split,
         "column": column,
-        "label_column": LABEL_COLUMN if labels is not None else None,
+        "label_column": label_name,
         "skipped_empty": skipped,
         "fingerprint": fingerprint,
     }
@@ -376,16 +410,19 @@ def _finish(src: TextSource) -> TextSource:
     return src
 
 
-def load_texts(source: str = "default", text_column: Optional[str] = None, split: str = "train") -> TextSource:
+def load_texts(source: str = "default", text_column: Optional[str] = None, split: str = "train",
+               label_column: Optional[str] = None) -> TextSource:
     """Load texts (and labels, when present) from the default corpus, a local file or an HF dataset.
 
     Args:
         source: ``"default"`` (see :func:`default_passages`); a local ``.txt`` (one text per
             paragraph separated by blank lines, or per line when there are no blank lines),
             ``.jsonl`` or ``.csv`` file; or a Hugging Face dataset ``"name"`` / ``"name:config"``.
-        text_column: for .jsonl/.csv/datasets; by default "text", then "sentence", then the
-            first column holding strings. Labels come from a "label" column when there is one.
+        text_column: for .jsonl/.csv/datasets; by default "text", then "sentence" (for a
+            dataset, then the first column holding strings).
         split: dataset split (HF datasets only; slicing like ``"train[:1000]"`` works).
+        label_column: labels (for classification); by default "label" when there is one.
+            Integer-like strings become ints; a split whose labels are all -1 has none.
 
     Empty texts are skipped (counted in ``description["skipped_empty"]``).
     """
@@ -393,22 +430,22 @@ def load_texts(source: str = "default", text_column: Optional[str] = None, split
         raise ValueError("source must be 'default', a .txt/.jsonl/.csv path or a dataset name; got an empty value")
     source_str = os.fspath(source).strip()
     if source_str == "default":
-        if text_column is not None:
-            raise ValueError("the default corpus has no columns; leave text_column unset")
+        if text_column is not None or label_column is not None:
+            raise ValueError("the default corpus has no columns; leave text_column and label_column unset")
         texts = default_passages()
         src = TextSource(texts, None, {"kind": "default", "name": "pydoc_data.topics", "min_words": 40, "max_words": 120})
         return _finish(src)
     path = Path(source_str).expanduser()
     suffix = path.suffix.lower()
     if suffix in FILE_SUFFIXES:
-        return _finish(_load_file(path, text_column))
+        return _finish(_load_file(path, text_column, label_column))
     if path.is_dir():
         raise ValueError(f"'{source_str}' is a folder; give a .txt, .jsonl or .csv file, or a dataset name")
     if path.is_file() or suffix in _OTHER_FILE_SUFFIXES:
         raise ValueError(
             f"unsupported file type {suffix or '(no extension)'!r} for '{source_str}'; convert it to .txt, .jsonl or .csv"
         )
-    return _finish(_load_hf(source_str, text_column, split))
+    return _finish(_load_hf(source_str, text_column, label_column, split))
 
 
 def split_texts(source: TextSource, num_calib: int, num_eval: int, seed: int = 0) -> tuple[TextSource, TextSource]:

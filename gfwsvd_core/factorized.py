@@ -66,6 +66,38 @@ class LowRankLinear(nn.Module):
         self.up = nn.Linear(self.rank, self.out_features, bias=bias, **kw)  # m x r
 
     @classmethod
+    def from_factors(
+        cls,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+        dense_type: str = "linear",
+    ) -> "LowRankLinear":
+        """A layer with weight ``up @ down`` (``up`` m x r, ``down`` r x n) and an optional bias (m,).
+
+        ``dtype`` / ``device`` default to those of ``up``; the tensors are copied, never shared.
+        """
+        if up.dim() != 2 or down.dim() != 2:
+            raise ValueError(f"factors must be matrices, got up {tuple(up.shape)} and down {tuple(down.shape)}")
+        m, r = (int(s) for s in up.shape)
+        if int(down.shape[0]) != r:
+            raise ValueError(f"inner dimensions differ: up is {m} x {r} but down is {tuple(down.shape)[0]} x {down.shape[1]}")
+        n = int(down.shape[1])
+        if bias is not None and tuple(bias.shape) != (m,):
+            raise ValueError(f"bias must have shape ({m},), got {tuple(bias.shape)}")
+        dtype = up.dtype if dtype is None else dtype
+        device = up.device if device is None else device
+        new = cls(n, m, r, bias=bias is not None, dense_type=dense_type, device=device, dtype=dtype)
+        with torch.no_grad():
+            new.up.weight.copy_(up.detach())  # copy_ casts dtype and moves device
+            new.down.weight.copy_(down.detach())
+            if bias is not None:
+                new.up.bias.copy_(bias.detach())
+        return new
+
+    @classmethod
     def replacing(cls, module: nn.Module, up: torch.Tensor, down: torch.Tensor) -> "LowRankLinear":
         """Build the replacement of a dense ``nn.Linear`` or ``Conv1D`` from factors.
 
@@ -83,13 +115,9 @@ class LowRankLinear(nn.Module):
                 f"{m} x {n} layer (expected up {m} x r and down r x {n})"
             )
         w = module.weight
-        bias = getattr(module, "bias", None)
-        new = cls(n, m, r, bias=bias is not None, dense_type=dense_type, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            new.up.weight.copy_(up.detach().to(device=w.device, dtype=w.dtype))
-            new.down.weight.copy_(down.detach().to(device=w.device, dtype=w.dtype))
-            if bias is not None:
-                new.up.bias.copy_(bias.detach())
+        new = cls.from_factors(
+            up, down, bias=getattr(module, "bias", None), dtype=w.dtype, device=w.device, dense_type=dense_type
+        )
         new.train(module.training)
         return new
 
@@ -143,14 +171,24 @@ def replace_layer(model: nn.Module, name: str, new_module: nn.Module) -> nn.Modu
     return old
 
 
-def to_dense(module: LowRankLinear) -> nn.Module:
-    """Multiply the factors back: an ``nn.Linear`` (or ``Conv1D`` when ``dense_type == "conv1d"``)."""
+def to_dense(module: LowRankLinear, like: Optional[nn.Module] = None) -> nn.Module:
+    """Multiply the factors back: an ``nn.Linear``, or a ``Conv1D`` (weight stored n x m).
+
+    The type follows ``like`` when given (a ``Conv1D`` gives a ``Conv1D``, anything else an
+    ``nn.Linear``), otherwise the layer's ``dense_type``. A ``Conv1D`` always has a bias: a
+    factorised layer without one gets a zero bias (the same map).
+    """
     if not isinstance(module, LowRankLinear):
         raise TypeError(f"expected LowRankLinear, got {type(module).__name__}")
-    w = module.dense_weight().detach()  # m x n
+    if like is None:
+        conv = module.dense_type == "conv1d"
+    else:
+        conv = Conv1D is not None and isinstance(like, Conv1D)
+    with torch.no_grad():
+        w = module.dense_weight()  # m x n
     b = module.up.bias
     kw = {"device": w.device, "dtype": w.dtype}
-    if module.dense_type == "conv1d":
+    if conv:
         if Conv1D is None:  # pragma: no cover
             raise ImportError("transformers is needed to rebuild a Conv1D layer")
         dense = Conv1D(module.out_features, module.in_features)  # weight n x m, bias m

@@ -135,6 +135,13 @@ def _shared_storage_plan(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, t
     return out, tied
 
 
+def _tensor_identities(model: nn.Module) -> dict[str, int]:
+    """``{state-dict key: id of the parameter / buffer object}``; tied keys share an id (meta works too)."""
+    ids = {k: id(p) for k, p in model.named_parameters(remove_duplicate=False)}
+    ids.update({k: id(b) for k, b in model.named_buffers(remove_duplicate=False)})
+    return ids
+
+
 def _get_tensor(model: nn.Module, key: str) -> torch.Tensor:
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
@@ -205,9 +212,16 @@ def save_compressed(
             "load this folder; use export_dense instead"
         ) from exc
     absent = _absent_modules(model, skeleton)
+    arch_ids = _tensor_identities(skeleton)
     del skeleton
 
     tensors, tied = _shared_storage_plan(model.state_dict())
+    for dropped, kept in list(tied.items()):
+        # the loader re-ties only what the config-built model ties itself; other aliases are
+        # written twice (as copies) so that nothing missing is ever tolerated without a tie
+        if dropped not in arch_ids or arch_ids.get(dropped) != arch_ids.get(kept):
+            tensors[dropped] = tensors[kept].clone()
+            del tied[dropped]
     block = {
         "format_version": FORMAT_VERSION,
         "method": method,
@@ -227,6 +241,10 @@ def save_compressed(
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "gfwsvd_format_version": str(FORMAT_VERSION)})
+    generation = getattr(model, "generation_config", None)
+    can_generate = getattr(model, "can_generate", None)
+    if generation is not None and callable(can_generate) and can_generate():
+        generation.save_pretrained(str(folder))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
     (folder / README_FILE).write_text(_readme(folder, block), encoding="utf-8")
@@ -323,6 +341,19 @@ def load_compressed(folder: PathLike, device=None, dtype: Optional[torch.dtype] 
         model = _skeleton(cfg, block["model_class"])
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise CompressedFormatError(f"cannot rebuild the model of {str(folder)!r} from its config: {exc}.") from exc
+    arch_ids = _tensor_identities(model)
+    for dropped, kept in tied.items():
+        if not isinstance(dropped, str) or not isinstance(kept, str):
+            raise CompressedFormatError(f"{CONFIG_FILE} has a malformed tied entry {dropped!r}: {kept!r}.")
+        if dropped in tensors:
+            raise CompressedFormatError(
+                f"{CONFIG_FILE} records {dropped!r} as a tied copy of {kept!r}, but {WEIGHTS_FILE} holds it too."
+            )
+        if dropped not in arch_ids or arch_ids.get(dropped) != arch_ids.get(kept):
+            raise CompressedFormatError(
+                f"{CONFIG_FILE} records {dropped!r} as tied to {kept!r}, but {block['model_class']} does not tie "
+                "them, so the missing tensor cannot be restored."
+            )
 
     for name in block.get("absent_modules", []):
         try:
@@ -354,6 +385,14 @@ def load_compressed(folder: PathLike, device=None, dtype: Optional[torch.dtype] 
     missing = [k for k in expected if k not in tensors and k not in tied]
     unexpected = [k for k in tensors if k not in expected]
     bad_tied = [k for k in tied if k not in expected or tied[k] not in tensors]
+    unlisted = [
+        k[: -len(".down.weight")] for k in unexpected
+        if k.endswith(".down.weight") and f"{k[: -len('.down.weight')]}.weight" in missing
+    ]
+    if unlisted:
+        raise CompressedFormatError(
+            f"{WEIGHTS_FILE} in {str(folder)!r} holds " + _fail_keys("factorised layers missing from the ranks in " + CONFIG_FILE, unlisted) + "."
+        )
     if missing:
         raise CompressedFormatError(f"{WEIGHTS_FILE} in {str(folder)!r} lacks " + _fail_keys("expected tensors", missing) + ".")
     if unexpected:
@@ -371,6 +410,10 @@ def load_compressed(folder: PathLike, device=None, dtype: Optional[torch.dtype] 
     # assign=True keeps each saved tensor's dtype (no silent up/down-casting)
     model.load_state_dict(tensors, strict=False, assign=True)
     _retie(model, tied)
+    if (folder / "generation_config.json").is_file() and hasattr(model, "generation_config"):
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
     if dtype is not None:
         model.to(dtype=dtype)
     if device is not None:
@@ -392,6 +435,17 @@ def load_tokenizer(folder: PathLike):
 # dense export
 
 
+def _head_untied(model: nn.Module) -> bool:
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    if not callable(get_in) or not callable(get_out):
+        return False
+    emb, head = get_in(), get_out()
+    if emb is None or head is None or not hasattr(emb, "weight") or not hasattr(head, "weight"):
+        return False
+    return head.weight is not emb.weight
+
+
 def export_dense(model: nn.Module, folder: PathLike, tokenizer=None) -> Path:
     """Write a plain Hugging Face folder with every factorised layer multiplied back.
 
@@ -405,6 +459,10 @@ def export_dense(model: nn.Module, folder: PathLike, tokenizer=None) -> Path:
     config = getattr(dense, "config", None)
     if config is not None and hasattr(config, BLOCK):
         delattr(config, BLOCK)
+    if config is not None and getattr(config, "tie_word_embeddings", False) and _head_untied(dense):
+        # the head was factorised, so it no longer shares the embedding: say so, or from_pretrained
+        # would tie the multiplied-back head to the embedding again
+        config.tie_word_embeddings = False
     folder.mkdir(parents=True, exist_ok=True)
     dense.save_pretrained(str(folder))
     if tokenizer is not None:

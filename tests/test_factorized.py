@@ -117,3 +117,40 @@ def test_replace_layer_dotted_names_and_errors():
     for bad in ("transformer.h.7.mlp.c_fc", "transformer.h.1.mlp.nope", "nope", ""):
         with pytest.raises((KeyError, ValueError)):
             replace_layer(model, bad, new)
+
+
+def test_from_factors_matches_product_and_copies():
+    torch.manual_seed(3)
+    up, down, bias = torch.randn(6, 2, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64), torch.randn(6)
+    lr = LowRankLinear.from_factors(up, down, bias)
+    assert (lr.out_features, lr.in_features, lr.rank, lr.dense_type) == (6, 5, 2, "linear")
+    assert lr.up.weight.dtype == torch.float64  # dtype follows up unless given
+    torch.testing.assert_close(lr.dense_weight(), up @ down, atol=1e-12, rtol=0)
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    torch.testing.assert_close(lr(x), x @ (up @ down).T + bias.double(), atol=1e-12, rtol=0)
+    up.zero_()  # the layer holds copies
+    assert lr.up.weight.abs().sum() > 0
+    f32 = LowRankLinear.from_factors(torch.randn(6, 2), torch.randn(2, 5), dtype=torch.float32, dense_type="conv1d")
+    assert f32.up.weight.dtype == torch.float32 and f32.up.bias is None and f32.dense_type == "conv1d"
+    with pytest.raises(ValueError, match="inner dimensions"):
+        LowRankLinear.from_factors(torch.randn(6, 2), torch.randn(3, 5))
+    with pytest.raises(ValueError, match="bias"):
+        LowRankLinear.from_factors(torch.randn(6, 2), torch.randn(2, 5), torch.randn(5))
+    with pytest.raises(ValueError, match="matrices"):
+        LowRankLinear.from_factors(torch.randn(6), torch.randn(2, 5))
+
+
+def test_to_dense_follows_like():
+    lr = _random_low_rank(4, 9, 2)  # dense_type "linear"
+    x = torch.randn(2, 9)
+    as_conv = to_dense(lr, like=Conv1D(4, 9))
+    assert isinstance(as_conv, Conv1D) and as_conv.weight.shape == (9, 4)
+    torch.testing.assert_close(as_conv(x), lr(x), atol=1e-6, rtol=0)
+    lr.dense_type = "conv1d"
+    as_linear = to_dense(lr, like=nn.Linear(9, 4))
+    assert type(as_linear) is nn.Linear
+    torch.testing.assert_close(as_linear(x), lr(x), atol=1e-6, rtol=0)
+    no_bias = _random_low_rank(4, 9, 2, bias=False)
+    conv = to_dense(no_bias, like=Conv1D(4, 9))  # Conv1D always has a bias: zero
+    assert conv.bias.abs().sum() == 0
+    torch.testing.assert_close(conv(x), no_bias(x), atol=1e-6, rtol=0)

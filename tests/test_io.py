@@ -236,3 +236,62 @@ def test_save_rejects_clashing_extra_and_unserialisable_calibration(compressed, 
         save_compressed(compressed["llama"], tmp_path / "a", extra={"ranks": {}})
     with pytest.raises(ValueError, match="JSON"):
         save_compressed(compressed["llama"], tmp_path / "b", calibration={"x": object()})
+
+
+def _edit_config(saved: Path, dst: Path, edit) -> Path:
+    folder = _copy(saved, dst)
+    cfg = json.loads((folder / "config.json").read_text())
+    edit(cfg["gfwsvd"])
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_config_layer_dropped_from_ranks(saved_gpt2, tmp_path):
+    folder = _edit_config(saved_gpt2, tmp_path / "dropped", lambda b: b["ranks"].pop("transformer.h.0.mlp.c_proj"))
+    with pytest.raises(CompressedFormatError, match="missing from the ranks.*'transformer.h.0.mlp.c_proj'"):
+        load_compressed(folder)
+
+
+def test_missing_tensor_is_tolerated_only_when_the_architecture_ties_it(saved_gpt2, tmp_path):
+    # the head weight may be absent because GPT-2 ties it; a same-shaped untied tensor may not
+    def drop(t):
+        del t["transformer.wpe.weight"]
+
+    def claim_tied(block):
+        block["tied"]["transformer.wpe.weight"] = "transformer.h.0.ln_1.weight"
+
+    folder = _tamper(saved_gpt2, tmp_path / "untied", drop)
+    with pytest.raises(CompressedFormatError, match="lacks 1 expected tensors: 'transformer.wpe.weight'"):
+        load_compressed(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    claim_tied(cfg["gfwsvd"])
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CompressedFormatError, match="does not tie them"):
+        load_compressed(folder)
+
+
+def test_tied_tensor_present_twice(saved_gpt2, tmp_path):
+    def add_head(t):
+        t["lm_head.weight"] = t["transformer.wte.weight"].clone()
+
+    with pytest.raises(CompressedFormatError, match="holds it too"):
+        load_compressed(_tamper(saved_gpt2, tmp_path / "twice", add_head))
+
+
+def test_gpt2_factorised_head_round_trip_and_dense_export(ids, tmp_path):
+    model = tiny_gpt2()
+    w = model.lm_head.weight.detach()  # vocab x hidden, tied to wte
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    replace_layer(model, "lm_head", LowRankLinear.replacing(model.lm_head, u[:, :8] * s[:8], vh[:8]))
+    ref = _output(model, ids)
+    folder = save_compressed(model, tmp_path / "head")
+    assert json.loads((folder / "config.json").read_text())["gfwsvd"]["tied"] == {}
+    assert (folder / "generation_config.json").is_file()
+    loaded = load_compressed(folder)
+    assert isinstance(loaded.lm_head, LowRankLinear) and loaded.lm_head.rank == 8
+    assert (_output(loaded, ids) - ref).abs().max().item() <= 1e-6
+    dense_folder = export_dense(model, tmp_path / "head-dense")
+    assert json.loads((dense_folder / "config.json").read_text())["tie_word_embeddings"] is False
+    plain = GPT2LMHeadModel.from_pretrained(str(dense_folder)).eval()
+    assert plain.lm_head.weight is not plain.transformer.wte.weight
+    assert (_output(plain, ids) - ref).abs().max().item() <= 1e-5

@@ -1,0 +1,1 @@
+"""Streamlit helpers of the explorer: session state, background jobs on screen, Plotly figures."""

@@ -1,0 +1,87 @@
+"""Export: compress with the chosen ranks, evaluate, download a zip or save to a folder."""
+
+import io
+import tempfile
+import zipfile
+from pathlib import Path
+
+import streamlit as st
+
+from gfwsvd_core import pipeline
+from gfwsvd_core.io import save_compressed
+from gfwsvd_ui.state import METHODS, busy, job_panel, label, require_stats, start_job, ws
+
+st.title("Export")
+exp = require_stats()
+w = ws()
+if not w.ranks:
+    st.info("No ranks chosen yet: the uniform default (half the parameters of every layer) will be used. "
+            "Choose ranks on the **Ranks** page.")
+method = st.selectbox("Method", METHODS, index=METHODS.index(w.rank_method), format_func=label, key="export_method")
+dense = sum(1 for r in w.ranks.values() if r is None)
+st.caption(f"{len(w.ranks) - dense} layers factorised, {dense} kept dense; ranks from the Ranks page.")
+
+if st.button("Compress and evaluate", type="primary", disabled=busy()):
+    ranks = dict(w.ranks) or None
+
+    def work(progress, cancel):
+        w.compressed = None
+        w.export_zip = None
+        comp, rep = pipeline.run_compression(exp, method, ratio=None if ranks else 0.5, ranks=ranks,
+                                             progress=progress, cancel=cancel)
+        w.compressed = (comp, rep)
+
+    start_job("Compressing and evaluating", work)
+job_panel("Compressing and evaluating")
+
+if w.compressed is None:
+    st.stop()
+comp, rep = w.compressed
+st.subheader(f"{label(rep['method'])}: kept {rep['kept_ratio']['layers']:.3f} of the compressed layers, "
+             f"{rep['kept_ratio']['model']:.3f} of the model")
+hib = getattr(exp.task, "higher_is_better", {})
+st.dataframe([{"metric": k, "dense": rep["baseline_metrics"][k], "compressed": v,
+               "change": v - rep["baseline_metrics"][k], "better is": "higher" if hib.get(k) else "lower"}
+              for k, v in rep["metrics"].items()], hide_index=True, width="stretch")
+
+
+def export_folder(folder: Path) -> Path:
+    return save_compressed(comp.model, folder, tokenizer=exp.bundle.tokenizer, method=comp.method,
+                           source_model=str(exp.settings["model"]), calibration=exp.data_record())
+
+
+c1, c2 = st.columns(2)
+with c1:
+    st.markdown("**Download**")
+    if w.export_zip is None and st.button("Prepare zip"):
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = export_folder(Path(tmp) / "compressed")
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+                for f in sorted(folder.rglob("*")):
+                    if f.is_file():
+                        zf.write(f, Path("compressed") / f.relative_to(folder))
+            w.export_zip = buf.getvalue()
+    if w.export_zip is not None:
+        st.download_button("Download compressed model (.zip)", w.export_zip, file_name=f"gfwsvd-{comp.method}.zip",
+                           mime="application/zip", key="download_zip")
+        st.caption(f"{len(w.export_zip) / 2**20:.1f} MiB")
+with c2:
+    st.markdown("**Save to a folder on this machine**")
+    target = st.text_input("Folder", value=str(Path.cwd() / "out" / f"compressed-{comp.method}"), key="export_path")
+    if st.button("Save"):
+        try:
+            path = export_folder(Path(target).expanduser())
+            st.success(f"Saved to {path}")
+        except (OSError, ValueError) as exc:
+            st.error(f"Could not save to {target}: {exc}. Choose a folder you can write to.")
+
+st.markdown("**Load it again**")
+st.code('from gfwsvd_core.io import load_compressed\nmodel = load_compressed("compressed")  # the unzipped or saved folder',
+        language="python")
+st.caption("Plain `from_pretrained` on this folder would silently build a wrong dense model; use the loader above, "
+           "or `gfwsvd_core.io.export_dense` for other tools.")
+with st.expander("Per-layer report"):
+    st.dataframe([{k: r.get(k) for k in ("layer", "shape", "rank", "params_before", "params_after", "predicted_loss",
+                                         "exact_quadratic", "relative_error", "reason")} for r in rep["layers"]],
+                 hide_index=True, width="stretch")

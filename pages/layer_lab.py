@@ -1,0 +1,99 @@
+"""Layer lab: one layer, four methods, every yardstick over rank — the teaching view."""
+
+import streamlit as st
+
+from gfwsvd_core.evaluate import measured_increase
+from gfwsvd_core.explore import kron_quadratic, layer_curves, weighted_spectra
+from gfwsvd_core.layers import get_weight
+from gfwsvd_ui import charts
+from gfwsvd_ui.state import COLORS, METHODS, busy, job_panel, label, require_stats, short, start_job, ws
+
+st.title("Layer lab")
+exp = require_stats()
+w = ws()
+st.caption(
+    "Each method solves the same problem — the best rank-r approximation of W — under a different "
+    "norm. Compare them under common yardsticks: plain reconstruction error, GFWSVD's Kronecker "
+    "prediction of the loss increase, and the exact second-order loss with the full empirical Fisher."
+)
+
+names = list(exp.stats)
+layer = st.selectbox("Layer", names, format_func=short, key="lab_layer")
+methods = st.multiselect("Methods", METHODS, default=METHODS, format_func=label, key="lab_methods")
+if not methods:
+    st.warning("Pick at least one method.")
+    st.stop()
+decs = {m: exp.decompositions[m][layer] for m in METHODS}
+W = get_weight(exp.model.get_submodule(layer))
+max_rank = min(W.shape)
+breakeven = W.shape[0] * W.shape[1] / (W.shape[0] + W.shape[1])
+
+rank = st.slider("Rank r", 1, max_rank, min(max_rank, max(1, int(breakeven // 2))), key="lab_rank",
+                 help=f"break-even rank {breakeven:.0f}: above it the factorised layer is larger than the dense one")
+
+# --- instant numbers at the chosen rank (re-truncating cached SVDs)
+cols = st.columns(len(methods))
+for col, m in zip(cols, methods):
+    dec = decs[m].decomposition
+    rel = float((W.double() - dec.reconstruct(rank)).norm() / W.double().norm())
+    col.metric(label(m), f"{rel:.3f}", f"pred. {float(dec.predicted_loss[rank]):.2e}", delta_color="off",
+               help="relative reconstruction error ‖W − W_r‖/‖W‖; below: the method's own predicted loss increase")
+
+# --- curves over rank (computed once per layer in the background)
+if layer not in w.curves and not busy():
+    gf = decs["gfwsvd"].factors
+
+    def work(progress, cancel):
+        progress(0, 1, f"curves for {short(layer)}")
+        w.curves[layer] = layer_curves(W, decs, exp.stats[layer], kronecker=gf)
+        progress(1, 1, "done")
+
+    start_job("Computing rank curves", work)
+job_panel("Computing rank curves")
+rows = [r for r in w.curves.get(layer, []) if r["method"] in methods]
+if rows:
+    c1, c2 = st.columns(2)
+    c1.plotly_chart(charts.curves(rows, "relative_error", "reconstruction error", "‖W − W_r‖ / ‖W‖", marker_rank=rank),
+                    config=charts.EXPORT_CONFIG, key="c_rel")
+    c2.plotly_chart(charts.curves(rows, "own_weighted_error", "each method's own weighted error",
+                                  "‖L_outᵀ (W − W_r) L_in‖² (own units)", marker_rank=rank),
+                    config=charts.EXPORT_CONFIG, key="c_own")
+    c3, c4 = st.columns(2)
+    c3.plotly_chart(charts.curves(rows, "kronecker_predicted_loss", "predicted loss increase (GFWSVD Kronecker Fisher)",
+                                  "½ tr(dWᵀ B dW A) (loss units)", marker_rank=rank),
+                    config=charts.EXPORT_CONFIG, key="c_kron")
+    c4.plotly_chart(charts.curves(rows, "exact_quadratic", "exact empirical-Fisher quadratic",
+                                  "mean_k ⟨G_k, dW⟩² / 2 (loss units)", marker_rank=rank),
+                    config=charts.EXPORT_CONFIG, key="c_exact")
+
+spec = {label(m): v.tolist() for m, v in weighted_spectra({m: decs[m] for m in methods}).items()}
+st.plotly_chart(charts.spectra(spec, "singular values of each method's weighted matrix L_outᵀ W L_in", "singular value",
+                               colors={label(m): COLORS[m] for m in methods}), config=charts.EXPORT_CONFIG, key="c_spec")
+st.caption("Each spectrum is in its own method's units; its tail energy ½ Σ_{i>r} s_i² is that method's predicted loss.")
+
+# --- measured loss increase on demand
+st.subheader("Measured loss increase")
+st.caption(f"Compress only this layer at rank {rank} and measure the change of the mean calibration loss "
+           f"({len(exp.calib_batches)} batches per method).")
+if st.button("Measure at this rank", disabled=busy()):
+    def measure(progress, cancel):
+        base = exp.task.measured_loss(exp.model, exp.calib_batches)
+        for i, m in enumerate(methods):
+            if cancel.is_set():
+                break
+            progress(i, len(methods), f"measuring {label(m)}")
+            w.measured[(layer, m, rank)] = measured_increase(exp.model, exp.task, exp.calib_batches, decs[m], rank, base)
+        progress(len(methods), len(methods), "done")
+
+    start_job("Measuring loss increase", measure)
+job_panel("Measuring loss increase")
+found = [(m, r, v) for (lay, m, r), v in w.measured.items() if lay == layer]
+if found:
+    table = []
+    for m, r, v in sorted(found, key=lambda t: (t[1], METHODS.index(t[0]))):
+        dec = decs[m]
+        dW = W.double() - dec.decomposition.reconstruct(r)
+        table.append({"method": label(m), "rank": r, "measured increase": v,
+                      "Kronecker predicted": kron_quadratic(dW, *decs["gfwsvd"].factors),
+                      "exact quadratic": exp.stats[layer].quadratic(dW)})
+    st.dataframe(table, hide_index=True, width="stretch")

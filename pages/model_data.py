@@ -1,0 +1,115 @@
+"""Model & data: choose a model and calibration text, estimate the cost, collect statistics."""
+
+import tempfile
+from pathlib import Path
+
+import streamlit as st
+
+from gfwsvd_core import pipeline
+from gfwsvd_core.jobs import run_steps
+from gfwsvd_ui.state import METHODS, busy, job_panel, shared_model, start_job, ws
+
+st.title("Model & data")
+st.caption("The embedded default (all-MiniLM-L6-v2 on Python's own help topics) needs no setup: press the two buttons.")
+w = ws()
+s = {**pipeline.DEFAULTS, **w.settings}
+
+with st.form("settings"):
+    c1, c2 = st.columns(2)
+    model = c1.text_input("Model", value=s["model"], help="'default' = bundled all-MiniLM-L6-v2; or a Hugging Face id or a local folder")
+    task = c2.selectbox("Task", ["auto", "retrieval", "causal-lm", "classification"],
+                        index=["auto", "retrieval", "causal-lm", "classification"].index(s["task"] or "auto"))
+    source = c1.radio("Calibration text", ["Default corpus (pydoc topics)", "Hugging Face dataset", "Upload a file"],
+                      horizontal=True)
+    dataset = c2.text_input("HF dataset (name or name:config)", value="" if s["calib"] == "default" else str(s["calib"]))
+    upload = st.file_uploader("Text file (.txt, .jsonl, .csv)", type=["txt", "jsonl", "csv"])
+    c3, c4, c5, c6 = st.columns(4)
+    text_column = c3.text_input("Text column (.jsonl/.csv/HF)", value=s["text_column"] or "")
+    samples = c4.number_input("Calibration texts", 4, 100000, int(s["samples"]), step=8)
+    eval_samples = c5.number_input("Held-out texts", 4, 100000, int(s["eval_samples"]), step=8)
+    max_length = c6.number_input("Max tokens per text", 8, 4096, int(s["max_length"]), step=8)
+    c7, c8, c9 = st.columns(3)
+    layer_filter = c7.text_input("Layer filter (patterns, comma-separated; empty = all block linears)",
+                                 value=",".join(s["layers"] or []))
+    fisher = c8.selectbox("Fisher", ["empirical", "mc"], index=["empirical", "mc"].index(s["fisher"]),
+                          help="empirical: data labels; mc: targets sampled from the model's own predictions")
+    unit = c9.selectbox("Sample unit", ["task default", "token", "sequence", "batch"],
+                        index=["task default", "token", "sequence", "batch"].index(s["sample_unit"] or "task default"))
+    submitted = st.form_submit_button("Load model and data", type="primary", disabled=busy())
+
+if submitted:
+    calib = "default"
+    if source.startswith("Hugging"):
+        calib = dataset.strip()
+        if not calib:
+            st.error("Enter a dataset name, or choose the default corpus.")
+            st.stop()
+    elif source.startswith("Upload"):
+        if upload is None:
+            st.error("Choose a .txt, .jsonl or .csv file to upload, or choose the default corpus.")
+            st.stop()
+        folder = Path(tempfile.mkdtemp(prefix="gfwsvd-upload-"))
+        calib = str(folder / Path(upload.name).name)
+        Path(calib).write_bytes(upload.getvalue())
+    settings = {
+        "model": model.strip() or "default", "task": None if task == "auto" else task, "calib": calib,
+        "text_column": text_column.strip() or None, "samples": int(samples), "eval_samples": int(eval_samples),
+        "max_length": int(max_length), "fisher": fisher, "sample_unit": None if unit == "task default" else unit,
+        "layers": [p.strip() for p in layer_filter.split(",") if p.strip()] or None,
+    }
+    w.settings = settings
+
+    def load(progress, cancel):
+        progress(0, 2, "loading the model")
+        bundle = shared_model(settings["model"], settings["task"], None)
+        progress(1, 2, "tokenising calibration and held-out text")
+        exp = pipeline.prepare(bundle=bundle, **settings)
+        w.exp, w.ranks, w.sweep, w.compressed, w.measured, w.curves = exp, {}, None, None, {}, {}
+        progress(2, 2, "done")
+        return exp
+
+    start_job("Loading model and data", load)
+
+job_panel("Loading model and data")
+
+exp = w.exp
+if exp is None:
+    st.stop()
+
+st.subheader("Loaded")
+c1, c2, c3, c4 = st.columns(4)
+n_params = sum(p.numel() for p in exp.model.parameters())
+c1.metric("Model", exp.settings["model"], exp.bundle.task, delta_color="off")
+c2.metric("Parameters", f"{n_params / 1e6:.1f} M")
+c3.metric("Layers to compress", len(exp.layers))
+c4.metric("Calibration / held-out", f"{len(exp.calib.texts)} / {len(exp.evaluation.texts)}")
+mem = sum(exp.memory_estimate().values())
+batches = len(exp.calib_batches)
+st.caption(
+    f"Sample unit **{exp.sample_unit}**, Fisher **{exp.settings['fisher']}**, {batches} calibration batches. "
+    f"Estimated statistics memory: **{mem / 2**20:.0f} MiB**; estimated time: about "
+    f"**{max(2, round(batches * exp.settings['max_length'] * len(exp.layers) / 9000))} s** on 2 CPU cores "
+    "(plus the Kronecker factors)."
+)
+
+if st.button("Collect statistics", type="primary", disabled=busy()):
+    def collect(progress, cancel):
+        steps = [("statistics", lambda progress, cancel: pipeline.collect(exp, METHODS, progress=progress, cancel=cancel))]
+        for m in METHODS:
+            steps.append((m, lambda progress, cancel, m=m: pipeline.decompositions(exp, m, progress=progress, cancel=cancel)))
+        run_steps(steps, progress=progress, cancel=cancel)
+        w.ranks, w.sweep, w.compressed, w.curves = {}, None, None, {}
+
+    start_job("Collecting statistics", collect)
+
+job_panel("Collecting statistics")
+
+if exp.stats:
+    st.subheader("Statistics")
+    rows = [{"layer": n, "shape (out x in)": f"{s.out_features} x {s.in_features}", "samples K": s.num_samples,
+             "tokens": s.num_tokens, "storage": s.storage or "-", "MiB": round(s.nbytes() / 2**20, 1)}
+            for n, s in exp.stats.items()]
+    st.dataframe(rows, hide_index=True, width="stretch")
+    t = exp.timings
+    st.caption("Timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()))
+    st.page_link("pages/factors.py", label="Next: look at the Fisher factors", icon=":material/arrow_forward:")

@@ -1,0 +1,130 @@
+"""Ranks: choose per-layer ranks (uniform, budget, table, heatmap), see parameters kept, run sweeps."""
+
+import math
+
+import streamlit as st
+
+from gfwsvd_core import pipeline
+from gfwsvd_core.explore import rank_grid
+from gfwsvd_core.ranks import budget_ranks, kept_params, uniform_ranks, validate_ranks
+from gfwsvd_ui import charts
+from gfwsvd_ui.state import METHODS, busy, job_panel, label, require_stats, short, start_job, ws
+
+st.title("Ranks")
+exp = require_stats()
+w = ws()
+
+method = st.segmented_control("Method whose predicted losses guide the choice", METHODS, format_func=label,
+                              default=w.rank_method, key="rank_method_pick") or w.rank_method
+w.rank_method = method
+decs = exp.decompositions[method]
+shapes = {n: d.shape for n, d in decs.items()}
+if not w.ranks:
+    w.ranks = uniform_ranks(shapes, 0.5)
+st.session_state.setdefault("editor_version", 0)
+
+c1, c2 = st.columns(2)
+with c1:
+    ratio = st.slider("Uniform: parameters kept per layer", 0.05, 1.0, 0.5, 0.05, key="uniform_ratio")
+    if st.button("Fill uniform ranks"):
+        w.ranks = uniform_ranks(shapes, ratio)
+        st.session_state["editor_version"] += 1
+with c2:
+    budget = st.slider("Global budget: parameters kept over all compressed layers", 0.05, 1.0, 0.5, 0.05, key="budget_ratio")
+    if st.button("Allocate by predicted loss"):
+        try:
+            w.ranks = budget_ranks({n: d.predicted_loss for n, d in decs.items()}, shapes, budget)
+            st.session_state["editor_version"] += 1
+        except ValueError as exc:
+            st.error(str(exc))
+    if method in ("svd", "fwsvd"):
+        st.caption("⚠ This method's predicted losses are not in loss units, so a global budget compares unlike "
+                   "quantities across layers; K-FAC or GFWSVD keep the Fisher scale.")
+
+# --- live parameter counts
+after, before = kept_params(shapes, w.ranks)
+total = sum(p.numel() for p in exp.model.parameters())
+model_after = total - before + after
+pred = sum(float(decs[n].predicted_loss[r]) for n, r in w.ranks.items() if r is not None)
+m = st.columns(4)
+m[0].metric("kept, compressed layers", f"{after / before:.3f}", f"−{1 - after / before:.1%} removed", delta_color="off")
+m[1].metric("kept, whole model", f"{model_after / total:.3f}", f"{model_after / 1e6:.2f} M of {total / 1e6:.2f} M", delta_color="off")
+m[2].metric("dense layers", sum(1 for r in w.ranks.values() if r is None))
+m[3].metric(f"Σ predicted loss ({label(method)})", f"{pred:.3e}")
+
+# --- heatmap (click a cell to choose that rank)
+grid = rank_grid(max(min(s) for s in shapes.values()), 20)
+layers = list(shapes)
+z = [[math.log10(max(float(decs[n].predicted_loss[min(g, len(decs[n].predicted_loss) - 1)]), 1e-30)) for g in grid]
+     for n in layers]
+event = st.plotly_chart(charts.rank_heatmap([short(n) for n in layers], grid, z,
+                                            {short(n): r for n, r in w.ranks.items()}),
+                        on_select="rerun", selection_mode="points", key=f"rank_heatmap_{st.session_state['editor_version']}",
+                        config=charts.EXPORT_CONFIG)
+points = (event or {}).get("selection", {}).get("points", []) if isinstance(event, dict) or hasattr(event, "get") else []
+if points:
+    p = points[0]
+    by_short = {short(n): n for n in layers}
+    name = by_short.get(p.get("y"))
+    if name is not None and p.get("x") is not None:
+        r = int(p["x"])
+        mm, nn = shapes[name]
+        new = None if r * (mm + nn) >= mm * nn else min(r, min(mm, nn))
+        if w.ranks.get(name) != new:
+            w.ranks[name] = new
+            st.session_state["editor_version"] += 1
+            st.rerun()
+st.caption("Colour: log10 of the predicted loss increase at each rank. Click a cell to give that layer that rank; "
+           "a rank at or above break-even keeps the layer dense.")
+
+# --- editable table
+rows = [{"layer": n, "shape": f"{shapes[n][0]}x{shapes[n][1]}", "rank": w.ranks.get(n),
+         "break-even": int(shapes[n][0] * shapes[n][1] / sum(shapes[n])),
+         "kept": (w.ranks[n] * sum(shapes[n]) / (shapes[n][0] * shapes[n][1])) if w.ranks.get(n) else 1.0,
+         "predicted loss": float(decs[n].predicted_loss[w.ranks[n]]) if w.ranks.get(n) else 0.0} for n in layers]
+edited = st.data_editor(rows, hide_index=True, width="stretch", key=f"rank_editor_{st.session_state['editor_version']}",
+                        disabled=["layer", "shape", "break-even", "kept", "predicted loss"],
+                        column_config={"rank": st.column_config.NumberColumn("rank (empty = dense)", min_value=1, step=1),
+                                       "kept": st.column_config.NumberColumn(format="%.2f"),
+                                       "predicted loss": st.column_config.NumberColumn(format="%.2e")})
+new_ranks = {r["layer"]: (None if r["rank"] is None or (isinstance(r["rank"], float) and math.isnan(r["rank"])) else int(r["rank"]))
+             for r in edited}
+if new_ranks != w.ranks:
+    try:
+        w.ranks = validate_ranks(shapes, new_ranks)
+        st.rerun()
+    except ValueError as exc:
+        st.error(f"{exc}. Enter a rank in range, or leave it empty to keep the layer dense.")
+
+# --- sweep
+st.subheader("Sweep: metrics over kept ratios")
+sc1, sc2 = st.columns([2, 1])
+sweep_methods = sc1.multiselect("Methods", METHODS, default=METHODS, format_func=label, key="sweep_methods")
+ratios_text = sc2.text_input("Kept ratios", "0.2, 0.35, 0.5, 0.7", key="sweep_ratios")
+if st.button("Run sweep", disabled=busy()):
+    try:
+        ratios = [float(x) for x in ratios_text.replace(";", ",").split(",") if x.strip()]
+        if not ratios or not all(0 < r <= 1 for r in ratios):
+            raise ValueError
+    except ValueError:
+        st.error("Kept ratios must be numbers in (0, 1], separated by commas, e.g. 0.3, 0.5, 0.7.")
+        st.stop()
+    if not sweep_methods:
+        st.error("Pick at least one method for the sweep.")
+        st.stop()
+
+    def run(progress, cancel):
+        w.sweep = pipeline.run_sweep(exp, sweep_methods, ratios, progress=progress, cancel=cancel)
+
+    start_job("Running sweep", run)
+job_panel("Running sweep")
+if w.sweep:
+    rows = w.sweep["rows"]
+    metrics = list(rows[0]["metrics"])
+    hib = getattr(exp.task, "higher_is_better", {})
+    cols = st.columns(min(2, len(metrics)))
+    for i, metric in enumerate(metrics):
+        cols[i % len(cols)].plotly_chart(charts.sweep_curves(rows, metric, hib.get(metric, False)),
+                                         config=charts.EXPORT_CONFIG, key=f"sweep_{metric}")
+    st.dataframe([{"method": label(r["method"]) if r["method"] != "dense" else "dense", "kept": round(r["kept_layers"], 3),
+                   **{k: round(v, 4) for k, v in r["metrics"].items()}} for r in rows], hide_index=True, width="stretch")
