@@ -43,18 +43,23 @@ def synthetic(m: int, n: int, K: int, T: int, seed: int = 0):
 
 
 def minilm(K: int, T: int, layer: str):
-    """Per-sequence gradients of one MiniLM layer on the default corpus (retrieval InfoNCE)."""
+    """Real MiniLM gradients on the default corpus: one sample = one retrieval batch of T tokens.
+
+    InfoNCE couples a batch, so a sample is a batch (design.md 3): 2 query/passage pairs
+    (4 rows) of T/4 tokens each give samples of T tokens (padding included).
+    """
     from gfwsvd_core import collect_statistics
     from gfwsvd_core.data import default_passages
     from gfwsvd_core.models import load_model
     from gfwsvd_core.tasks import get_task
 
-    bundle = load_model("default")
+    bundle = load_model("default", device="cpu")
     task = get_task("retrieval")
     texts = default_passages()[: 2 * K]
-    batches = task.make_batches(bundle.tokenizer, texts, max_length=T, batch_size=2)
+    batches = task.make_batches(bundle.tokenizer, texts, max_length=T // 4, batch_size=2)
+    batches = [{k: torch.nn.functional.pad(v, (0, T // 4 - v.shape[1])) for k, v in b.items()} for b in batches]
     stats = collect_statistics(bundle.model, batches, task.fisher_loss, layers=[layer],
-                               kinds=("samples",), sample_unit="sequence", storage="factored")
+                               kinds=("samples",), sample_unit="batch", storage="factored")
     st = stats[layer]
     return st.X[:K].contiguous(), st.D[:K].contiguous()
 

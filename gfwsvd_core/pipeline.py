@@ -17,7 +17,7 @@ import torch
 
 from .compress import Compression, LayerDecomposition, compress, decompose_layers
 from .data import TextSource, load_texts, split_texts
-from .evaluate import evaluate_pair, layer_report, sweep
+from .evaluate import evaluate_pair, layer_report, sweep  # noqa: F401 (evaluate_pair re-exported for the CLI)
 from .methods import get_method
 from .models import ModelBundle, default_layers, load_model
 from .stats import LayerStats, collect_statistics, estimate_memory
@@ -45,6 +45,8 @@ class Experiment:
     decompositions: dict[str, dict[str, LayerDecomposition]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     _reference: Any = None
+    _baseline: Optional[dict] = None
+    _time_estimate: Optional[dict] = None
 
     @property
     def model(self):
@@ -59,6 +61,42 @@ class Experiment:
         if self._reference is None:
             self._reference = self.task.reference_outputs(self.model, self.eval_batches)
         return self._reference
+
+    def baseline_metrics(self) -> dict:
+        """Metrics of the uncompressed model on the evaluation set (computed once)."""
+        if self._baseline is None:
+            self._baseline = self.task.evaluate(self.model, self.eval_batches, self.reference())
+        return self._baseline
+
+    def time_estimate(self) -> dict[str, float]:
+        """Seconds for statistics (one timed calibration batch x batches) and for the Kronecker
+        factors (ALS flops at this machine's measured matmul rate, ~12 sweeps), measured once."""
+        if self._time_estimate is None:
+            from .layers import weight_shape
+            from .stats import _samples_and_tokens, choose_storage, map_flops
+
+            gen = torch.Generator().manual_seed(0)
+            batch = self.calib_batches[0]
+            t0 = time.perf_counter()
+            loss = self.task.fisher_loss(self.model, batch, fisher=self.settings["fisher"], generator=gen)
+            first = [p for p in self.model.parameters() if p.requires_grad][:1]
+            if first and loss.requires_grad:  # a full backward pass, without touching .grad
+                torch.autograd.grad(loss.sum(), first, allow_unused=True)
+            per_batch = time.perf_counter() - t0
+            a = torch.randn(512, 512)
+            t0 = time.perf_counter()
+            for _ in range(5):
+                a @ a
+            rate = 5 * 2 * 512**3 / max(time.perf_counter() - t0, 1e-6)
+            rows = int(batch["input_ids"].shape[0])
+            K, T = _samples_and_tokens(len(self.calib.texts) * (2 if self.bundle.task == "retrieval" else 1),
+                                       self.settings["max_length"], self.sample_unit, batch_size=rows)
+            flops = 0.0
+            for name in self.layers:
+                m, n = weight_shape(self.model.get_submodule(name))
+                flops += 2 * 12 * K * map_flops(m, n, T, choose_storage(m, n, T))
+            self._time_estimate = {"statistics": 1.5 * per_batch * len(self.calib_batches), "kronecker": flops / rate}
+        return self._time_estimate
 
     def memory_estimate(self, kinds=("samples", "diagonal", "kfac", "inputs")) -> dict[str, int]:
         return estimate_memory(self.model, len(self.calib.texts), self.settings["max_length"], self.layers,
@@ -176,7 +214,8 @@ def run_compression(exp: Experiment, method: Any, ratio: Optional[float] = None,
     base = metrics = None
     if evaluate:
         t0 = time.perf_counter()
-        base, metrics = evaluate_pair(exp.task, exp.model, comp.model, exp.eval_batches, exp.reference())
+        base = exp.baseline_metrics()
+        metrics = exp.task.evaluate(comp.model, exp.eval_batches, exp.reference())
         _timed(exp, "evaluate", t0)
     return comp, report(exp, comp, base, metrics, layers, ratio)
 

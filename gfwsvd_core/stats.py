@@ -281,10 +281,9 @@ class _Accumulator:
         s = self.stats
         flat = X.reshape(-1, X.shape[-1]) if mask is None else X[mask]  # (N_b, n)
         s.num_tokens += flat.shape[0]
-        if s.xx_sum is not None:
-            f64 = flat.double()
-            s.xx_sum += f64.T @ f64  # (n, N_b) @ (N_b, n)
-            s.abs_x_sum += f64.abs().sum(0)
+        if s.xx_sum is not None:  # per-batch products in float32, running sums in float64
+            s.xx_sum += (flat.T @ flat).double()  # (n, N_b) @ (N_b, n)
+            s.abs_x_sum += flat.abs().sum(0).double()
 
     def add_gradients(self, X: torch.Tensor, D: torch.Tensor, mask: Optional[torch.Tensor], unit: str) -> None:
         """X: (B, T, n), D: (B, T, m), zeroed outside ``mask``; both float32."""
@@ -302,24 +301,26 @@ class _Accumulator:
         K_b, T = X.shape[0], X.shape[1]
         s.num_samples += K_b
         if s.dd_sum is not None:
-            Df = D.reshape(-1, D.shape[-1]).double()
-            s.dd_sum += Df.T @ Df
+            Df = D.reshape(-1, D.shape[-1])
+            s.dd_sum += (Df.T @ Df).double()
+        if "samples" in self.kinds and self.storage is None:
+            self.storage = _resolve_storage(self.storage_request, s.name, s.out_features, s.in_features, T)
+        keep_G = "samples" in self.kinds and self.storage == "materialized"
         if s.grad_sum is not None:
             s.grad_sum += (D.reshape(-1, D.shape[-1]).T @ X.reshape(-1, X.shape[-1])).double()
-            if T == 1:  # G_t = d x^T  =>  sum_t G_t**2 = (D*D)^T (X*X)
-                s.grad_sq_sum += ((D[:, 0] ** 2).T @ (X[:, 0] ** 2)).double()
-            else:
-                for Xc, Dc in zip(X.split(32), D.split(32)):
-                    Gc = torch.bmm(Dc.transpose(1, 2), Xc)  # (c, m, n)
+        fast_diag = T == 1 and s.grad_sq_sum is not None
+        if fast_diag:  # G_t = d x^T  =>  sum_t G_t**2 = (D*D)^T (X*X)
+            s.grad_sq_sum += ((D[:, 0] ** 2).T @ (X[:, 0] ** 2)).double()
+        if keep_G or (s.grad_sq_sum is not None and not fast_diag):
+            for Xc, Dc in zip(X.split(32), D.split(32)):
+                Gc = torch.bmm(Dc.transpose(1, 2), Xc)  # (c, m, n), formed once per chunk
+                if s.grad_sq_sum is not None and not fast_diag:
                     s.grad_sq_sum += (Gc * Gc).sum(0).double()
-        if "samples" in self.kinds:
-            if self.storage is None:
-                self.storage = _resolve_storage(self.storage_request, s.name, s.out_features, s.in_features, T)
-            if self.storage == "factored":
-                self.X.append(X.to(self.device))
-                self.D.append(D.to(self.device))
-            else:
-                self.G.append(torch.bmm(D.transpose(1, 2), X).to(self.device))  # (K_b, m, n)
+                if keep_G:
+                    self.G.append(Gc.to(self.device))
+        if "samples" in self.kinds and self.storage == "factored":
+            self.X.append(X.to(self.device))
+            self.D.append(D.to(self.device))
 
     def finish(self) -> LayerStats:
         s = self.stats

@@ -12,10 +12,11 @@ class GFWSVD(Method):
 
     init: str = "kfac"
     solver: str = "als"
-    tol: float = 1e-6
+    tol: float = 1e-5  # factor change per sweep; the product is then accurate to ~1e-5 * g/(1-g)
     max_sweeps: int = 50
     damping: float = 1e-6
     diagnostics: bool = True
+    gap_sweeps: int = 4
 
     name = "gfwsvd"
     label = "GFWSVD"
@@ -24,5 +25,5 @@ class GFWSVD(Method):
 
     def weights(self, stats) -> Weights:
         fac = nearest_kronecker(stats, init=self.init, method=self.solver, tol=self.tol,
-                                max_sweeps=self.max_sweeps, diagnostics=self.diagnostics)
+                                max_sweeps=self.max_sweeps, diagnostics=self.diagnostics, gap_sweeps=self.gap_sweeps)
         return Weights(fac.B, fac.A, self.damping, {"kronecker": fac.diagnostics(), "factors": fac})
