@@ -12,8 +12,9 @@ gradient is ``G_k = D_k^T X_k``. From these we keep, per layer, whatever the met
 * ``inputs``   - the input Gram ``sum_t x x^T`` and the per-channel ``sum_t |x|`` (forward only).
 
 ``loss_fn(model, batch)`` returns per-sample losses (shape ``(B,)``), so per-sample gradients
-are exact whatever reduction the model uses; a scalar loss is accepted for ``sample_unit="batch"``
-(or a batch of one). Hooks live only inside :func:`collect_statistics` and are removed in
+are exact whatever reduction the model uses; a scalar loss (e.g. a contrastive loss that couples
+the batch) is accepted for ``sample_unit="batch"`` and ``"token"`` (a token's contribution
+``d_t x_t^T`` is defined for any loss), and for a batch of one. Hooks live only inside :func:`collect_statistics` and are removed in
 ``finally``; gradients come from ``torch.autograd.grad`` on the captured layer outputs, so
 ``.grad`` fields, user hooks and module attributes are never touched.
 """
@@ -470,10 +471,10 @@ def _run_batch(model, batch, loss_fn, modules: dict[str, nn.Module], accs, unit:
             if loss.dim() > 1:
                 raise ValueError(f"loss_fn must return per-sample losses (B,) or a scalar, got shape {tuple(loss.shape)}")
             if loss.dim() == 0:
-                if unit != "batch" and _batch_size(calls) not in (None, 1):
+                if unit == "sequence" and _batch_size(calls) not in (None, 1):
                     raise ValueError(
-                        f"sample_unit={unit!r} needs per-sample losses: make loss_fn return a (batch,) tensor "
-                        "(reduction='none'), or use sample_unit='batch'"
+                        "sample_unit='sequence' needs per-sample losses: make loss_fn return a (batch,) tensor "
+                        "(reduction='none'), or use sample_unit='batch' or 'token'"
                     )
                 B = _batch_size(calls) or 1
             else:

@@ -182,6 +182,9 @@ def test_layer_selection_and_errors():
         collect_statistics(model, [make_batch()], encoder_loss, sample_unit="window")
     with pytest.raises(ValueError, match="per-sample losses"):
         collect_statistics(model, [make_batch()], lambda m, b: encoder_loss(m, b).mean())
+    # token and batch samples are defined for a loss that couples the batch
+    tok = collect_statistics(model, [make_batch()], lambda m, b: encoder_loss(m, b).mean(), sample_unit="token")
+    assert next(iter(tok.values())).num_samples == int(make_batch()["attention_mask"].sum())
     with pytest.raises(ValueError, match="not finite"):
         collect_statistics(model, [make_batch()], lambda m, b: encoder_loss(m, b) * float("nan"))
 
