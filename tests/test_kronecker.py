@@ -135,3 +135,19 @@ def test_bad_inputs():
     st = LayerStats("enc.l", 3, 2, "sequence", X=torch.zeros(0, 1, 2), D=torch.zeros(0, 1, 3))
     with pytest.raises(ValueError, match="enc.l.*empty"):
         nearest_kronecker(st)
+
+
+def test_fisher_norm_estimate_for_many_samples(monkeypatch):
+    """Token samples: ||F|| from random partners is close to the exact value and flagged."""
+    import gfwsvd_core.fisher.kronecker as kr
+
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(1500, 1, 6, generator=g, dtype=torch.float64)
+    D = torch.randn(1500, 1, 5, generator=g, dtype=torch.float64) * (1 + X[..., :1].abs())
+    exact = nearest_kronecker((X, D), tol=1e-10)
+    monkeypatch.setattr(kr, "MAX_PARTNERS", 300)
+    est = nearest_kronecker((X, D), tol=1e-10)
+    assert not exact.fisher_norm_estimated and est.fisher_norm_estimated
+    assert est.fisher_norm == pytest.approx(exact.fisher_norm, rel=0.05)
+    G = torch.bmm(D.transpose(1, 2), X)
+    assert exact.fisher_norm == pytest.approx(float(torch.linalg.norm(full_fisher(G))), rel=1e-8)

@@ -32,6 +32,8 @@ from ..stats import LayerStats, map_flops
 
 #: bytes of intermediate tensors per chunk of samples
 CHUNK_BYTES = 256 * 2**20
+#: above this many samples, ||F||^2 is estimated from this many random partner samples
+MAX_PARTNERS = 2048
 
 
 @dataclass
@@ -50,6 +52,7 @@ class KroneckerFactors:
     method: str
     init: str
     fisher_norm: Optional[float] = None  # ||F||_F
+    fisher_norm_estimated: bool = False  # True when estimated from a random subset of sample pairs
     s2: Optional[float] = None  # second singular value of the rearranged F (estimate)
     seconds: float = 0.0
     history: list = field(default_factory=list)  # s1 estimate per sweep
@@ -76,7 +79,7 @@ class KroneckerFactors:
         return {
             "s1": self.s1, "eta": self.eta, "fit_error": self.fit_error, "gap": self.gap,
             "sweeps": self.sweeps, "converged": self.converged, "method": self.method,
-            "init": self.init, "seconds": self.seconds,
+            "init": self.init, "seconds": self.seconds, "eta_estimated": self.fisher_norm_estimated,
         }
 
 
@@ -101,6 +104,7 @@ class _Samples:
             self.m = self.D.shape[2]
             per_sample = self.T * (2 * self.m + 2 * self.n + 2 * self.T)
         self.chunk = max(1, CHUNK_BYTES // (4 * per_sample))
+        self.norm_estimated = False
         self.device = (self.G if self.G is not None else self.X).device
 
     @property
@@ -163,18 +167,30 @@ class _Samples:
         return torch.bmm(D.transpose(1, 2), X)  # (c, m, n)
 
     def _norm_factored(self) -> float:
-        # <G_k, G_l> = sum((D_k D_l^T) * (X_k X_l^T)), over T x T blocks
+        # <G_k, G_l> = sum((D_k D_l^T) * (X_k X_l^T)), over T x T blocks. With many samples
+        # (e.g. token samples) the K^2 pairs are estimated from MAX_PARTNERS random partners l,
+        # which keeps the estimate of ||F||^2 unbiased.
         Xf = self.X.reshape(-1, self.n).double()
         Df = self.D.reshape(-1, self.m).double()
-        T = self.T
+        T, K = self.T, self.K
+        L = K
+        if K > MAX_PARTNERS:
+            gen = torch.Generator().manual_seed(0)
+            idx = torch.randperm(K, generator=gen)[:MAX_PARTNERS].to(Xf.device)
+            L = MAX_PARTNERS
+            tok = (idx[:, None] * T + torch.arange(T, device=Xf.device)[None, :]).reshape(-1)
+            Xl, Dl = Xf[tok], Df[tok]
+            self.norm_estimated = True
+        else:
+            Xl, Dl = Xf, Df
         total = 0.0
-        rows = max(1, CHUNK_BYTES // (8 * T * T * self.K))
-        for i in range(0, self.K, rows):
+        rows = max(1, CHUNK_BYTES // (8 * T * T * L))
+        for i in range(0, K, rows):
             Xi, Di = Xf[i * T:(i + rows) * T], Df[i * T:(i + rows) * T]
-            P = (Di @ Df.T) * (Xi @ Xf.T)  # (c*T, K*T)
-            inner = P.reshape(-1, T, self.K, T).sum(dim=(1, 3))  # (c, K)
+            P = (Di @ Dl.T) * (Xi @ Xl.T)  # (c*T, L*T)
+            inner = P.reshape(-1, T, L, T).sum(dim=(1, 3))  # (c, L)
             total += float((inner**2).sum())
-        return total / self.K**2
+        return total / (K * L)
 
 
 def _as_samples(source, device=None, dtype=None) -> tuple[_Samples, Optional[LayerStats]]:
@@ -260,6 +276,7 @@ def nearest_kronecker(
                            init=used_init, history=hist)
     if diagnostics:
         res.fisher_norm = math.sqrt(max(S.fisher_norm_sq(), 0.0))
+        res.fisher_norm_estimated = S.norm_estimated
         res.s2 = _second_singular_value(S, A, B, s1, gap_sweeps, seed)
     res.seconds = time.perf_counter() - t0
     return res
