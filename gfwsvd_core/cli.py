@@ -30,7 +30,34 @@ def _ratio(text: str) -> float:
 
 
 def _ratios(text: str) -> list[float]:
-    return [_ratio(t) for t in text.split(",") if t.strip()]
+    values = [_ratio(t) for t in text.split(",") if t.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ratios in (0, 1], got {text!r}")
+    return values
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"device {text!r} asked for, but CUDA is not available here; use cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}; use cpu, cuda or cuda:N")
+    return text
 
 
 def _positive(text: str) -> int:
@@ -55,8 +82,8 @@ def _common(p: argparse.ArgumentParser, single_method: bool = True) -> None:
     g.add_argument("--eval-samples", type=_positive, default=256, help="held-out evaluation texts (default 256)")
     g.add_argument("--max-length", type=_positive, default=128, help="tokens per text (default 128)")
     g.add_argument("--batch-size", type=_positive, default=8)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    g.add_argument("--seed", type=_seed, default=0)
+    g.add_argument("--device", type=_device, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     f = p.add_argument_group("Fisher statistics")
     f.add_argument("--fisher", choices=["empirical", "mc"], default="empirical",
                    help="data labels (empirical) or targets sampled from the model (mc)")
@@ -128,6 +155,35 @@ def _load_ranks(path: Path) -> dict:
     return ranks
 
 
+def _check_outputs(a) -> None:
+    """Fail before any long work when an output path cannot be written."""
+    out = getattr(a, "out", None)
+    if out is not None and out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is an existing file; give a folder")
+    report = getattr(a, "report", None)
+    if report is not None and report.is_dir():
+        raise UserError(f"--report {str(report)!r} is a folder; give a file name such as report.json")
+
+
+def _check_ranks_layers(exp, ranks: dict) -> None:
+    """Fail before the statistics pass when the ranks file names layers that will not be compressed."""
+    from .layers import weight_shape
+    from .ranks import validate_ranks
+
+    shapes = {n: weight_shape(exp.model.get_submodule(n)) for n in exp.layers}
+    validate_ranks(shapes, ranks)
+
+
+def _silence_transformers() -> None:
+    """transformers' own loading bars and load reports would drown the CLI's output."""
+    try:
+        from transformers.utils import logging as tlogging
+    except ImportError:  # pragma: no cover
+        return
+    tlogging.set_verbosity_error()
+    tlogging.disable_progress_bar()
+
+
 def _options(a) -> dict:
     return {
         "model": a.model, "task": a.task, "calib": a.calib, "text_column": a.text_column, "split": a.split,
@@ -151,11 +207,15 @@ def _print_metrics(rep: dict) -> None:
 def cmd_compress(a) -> int:
     from . import pipeline
     from .io import export_dense, save_compressed
+    from .methods import get_method
 
+    get_method(a.method)  # validate before the long work
+    ranks = _load_ranks(a.ranks) if a.ranks else None
     exp = pipeline.prepare(**_options(a))
+    if ranks:
+        _check_ranks_layers(exp, ranks)
     prog = _progress(a.quiet)
     pipeline.collect(exp, methods=[a.method], progress=prog)
-    ranks = _load_ranks(a.ranks) if a.ranks else None
     comp, rep = pipeline.run_compression(exp, a.method, ratio=None if ranks else (a.ratio or 0.5), ranks=ranks,
                                          progress=prog)
     save_compressed(comp.model, a.out, tokenizer=exp.bundle.tokenizer, method=comp.method,
@@ -173,19 +233,28 @@ def cmd_compress(a) -> int:
 def cmd_evaluate(a) -> int:
     from . import pipeline
     from .io import load_compressed, save_compressed
+    from .methods import get_method
 
-    exp = pipeline.prepare(**_options(a))
     if a.compressed:
-        model = load_compressed(a.compressed, device=exp.model.device)
+        model = load_compressed(a.compressed)  # a tampered folder fails here, before any long work
+        exp = pipeline.prepare(**_options(a))
+        _check_same_model(exp.model, model, a)
+        model.to(exp.model.device)
         base, metrics = pipeline.evaluate_pair(exp.task, exp.model, model, exp.eval_batches, exp.reference())
-        rep = {"compressed": str(a.compressed), "model": a.model, "baseline_metrics": base, "metrics": metrics,
-               "calibration": exp.data_record(), "timings": exp.timings}
-        for k in metrics:
-            print(f"  {k:>10}: {base.get(k, float('nan')):.4f} -> {metrics[k]:.4f}")
+        rep = {"compressed": str(a.compressed), "model": a.model, **_export_summary(a.compressed, exp.model, model),
+               "baseline_metrics": base, "metrics": metrics, "calibration": exp.data_record(),
+               "timings": dict(exp.timings)}
+        _print_metrics(rep)
     else:
-        prog = _progress(a.quiet)
-        pipeline.collect(exp, methods=[a.method], progress=prog)
+        get_method(a.method)
         ranks = _load_ranks(a.ranks) if a.ranks else None
+        exp = pipeline.prepare(**_options(a))
+        if ranks:
+            _check_ranks_layers(exp, ranks)
+        prog = _progress(a.quiet)
+        # the exact empirical-Fisher quadratic needs per-sample gradients whatever the method:
+        # GFWSVD's statistics ("samples" + "kfac") include them
+        pipeline.collect(exp, methods=[a.method], extra_kinds=("samples",), progress=prog)
         comp, rep = pipeline.run_compression(exp, a.method, ratio=None if ranks else (a.ratio or 0.5), ranks=ranks,
                                              measure=a.measure, progress=prog)
         _print_metrics(rep)
@@ -203,6 +272,60 @@ def cmd_evaluate(a) -> int:
     return 0
 
 
+def _check_same_model(original, compressed, a) -> None:
+    """The exported folder must come from ``--model``: same class and same tensor shapes."""
+    from .factorized import LowRankLinear
+    from .layers import weight_shape
+
+    try:
+        source = json.loads((Path(a.compressed) / "config.json").read_text(encoding="utf-8"))["gfwsvd"]["source_model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        source = None
+    hint = f" (it was made from {source!r})" if isinstance(source, str) and source else ""
+    mismatch = type(original) is not type(compressed)
+    if not mismatch:
+        dense = dict(original.named_modules())
+        orig_params = dict(original.named_parameters())
+        low = {n: m for n, m in compressed.named_modules() if isinstance(m, LowRankLinear)}
+        for name, m in low.items():
+            if name not in dense or weight_shape(dense[name]) != (m.out_features, m.in_features):
+                mismatch = True
+                break
+        for name, p in compressed.named_parameters():
+            if any(name.startswith(f"{ln}.") for ln in low):
+                continue
+            if name not in orig_params or orig_params[name].shape != p.shape:
+                mismatch = True
+                break
+    if mismatch:
+        raise UserError(f"the compressed folder {str(a.compressed)!r} does not come from model {a.model!r}{hint}; "
+                        "pass the model it was made from with --model")
+
+
+def _export_summary(folder, original, compressed) -> dict:
+    """Method, ranks and kept ratios of a loaded export, in the report's format."""
+    from .factorized import LowRankLinear
+
+    try:
+        block = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("gfwsvd", {})
+    except (OSError, ValueError):
+        block = {}
+    low = {n: m for n, m in compressed.named_modules() if isinstance(m, LowRankLinear)}
+    before = sum(m.in_features * m.out_features for m in low.values())
+    after = sum(m.rank * (m.in_features + m.out_features) for m in low.values())
+    total_before = sum(p.numel() for p in original.parameters())
+    total_after = sum(p.numel() for p in compressed.parameters())
+    layers = [{"layer": n, "shape": [m.out_features, m.in_features], "rank": m.rank,
+               "params_before": m.in_features * m.out_features,
+               "params_after": m.rank * (m.in_features + m.out_features)} for n, m in low.items()]
+    return {
+        "method": block.get("method", ""),
+        "kept_ratio": {"layers": after / before if before else 1.0,
+                       "model": total_after / total_before if total_before else 1.0},
+        "layers": layers,
+    }
+
+
 def _fmt(x) -> str:
     return f"{x:>11.3e}" if isinstance(x, (int, float)) else f"{'n/a':>11}"
 
@@ -212,6 +335,8 @@ def cmd_sweep(a) -> int:
     from .methods import get_method
 
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    if not methods:
+        raise UserError("--methods names no method; give e.g. svd,gfwsvd")
     for m in methods:
         get_method(m)  # validate before the long work
     exp = pipeline.prepare(**_options(a))
@@ -236,9 +361,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .io import CompressedFormatError
     from .stats import Cancelled
 
+    _silence_transformers()
     try:
+        _check_outputs(a)
         return {"compress": cmd_compress, "evaluate": cmd_evaluate, "sweep": cmd_sweep}[a.command](a)
-    except (UserError, ValueError, CompressedFormatError, FileNotFoundError) as exc:
+    except (UserError, ValueError, CompressedFormatError, OSError) as exc:
         msg = " ".join(str(exc).split()) or type(exc).__name__
         print(f"error: {msg}", file=sys.stderr)
         return EXIT_USAGE

@@ -117,6 +117,7 @@ class Compression:
     method: str
     ranks: dict[str, Optional[int]]
     decompositions: dict[str, LayerDecomposition]
+    requested: dict = field(default_factory=dict)  # explicit {layer: rank} as given, when given
 
     def kept_ratio(self, original: nn.Module) -> dict:
         """Parameters kept / original: over the compressed layers' weights and the whole model."""
@@ -136,9 +137,15 @@ class Compression:
         for name, d in self.decompositions.items():
             m, n = d.shape
             r = self.ranks.get(name)
+            if r is not None:
+                reason = ""
+            elif name in self.requested and self.requested[name] is None:
+                reason = "kept dense as requested"
+            else:
+                reason = f"at or above the break-even rank {m * n / (m + n):.1f}: kept dense"
             recs.append({
-                "layer": name, "shape": [m, n], "rank": r, "dense": r is None,
-                "reason": "at or above break-even rank: kept dense" if r is None else "",
+                "layer": name, "shape": [m, n], "rank": r, "dense": r is None, "reason": reason,
+                "break_even_rank": m * n / (m + n),
                 "params_before": m * n, "params_after": layer_params(m, n, r),
                 "predicted_loss": 0.0 if r is None else float(d.predicted_loss[r]),
                 **{k: v for k, v in d.info.items()},
@@ -162,10 +169,24 @@ def compress(
     (``{layer: rank}``, ``None`` = dense). Pass ``decompositions`` from
     :func:`decompose_layers` to reuse them. Returns a :class:`Compression` with a new model.
     """
+    if ranks is not None:
+        # check the map against every layer that could be compressed (the error lists them all),
+        # then decompose only the layers it names
+        if decompositions is not None:
+            known = {n: d.shape for n, d in decompositions.items()}
+        else:
+            known = {n: tuple(s.shape) for n, s in (stats or {}).items()}
+        if not ranks:
+            raise ValueError("the ranks map is empty: give {layer: rank or None} for at least one layer")
+        validate_ranks(known, ranks)
+        if layers is None:
+            layers = list(ranks)
     decs = dict(decompositions) if decompositions is not None else decompose_layers(model, stats, method, layers, progress)
-    if ranks is not None and layers is None:
-        decs = {n: decs[n] for n in decs if n in ranks} or decs
+    if ranks is not None:
+        validate_ranks({n: d.shape for n, d in decs.items()}, ranks)  # e.g. a layer outside ``layers``
+        decs = {n: decs[n] for n in ranks}
     chosen = resolve_ranks(decs, ratio, ranks)
     decs = {n: decs[n] for n in chosen}
     name = next(iter(decs.values())).method if decs else str(method)
-    return Compression(build_compressed(model, decs, chosen), name, chosen, decs)
+    return Compression(build_compressed(model, decs, chosen), name, chosen, decs,
+                       dict(ranks) if ranks is not None else {})

@@ -21,6 +21,7 @@ from torch import nn
 from .compress import Compression, LayerDecomposition, build_compressed, decompose_layers
 from .factorized import LowRankLinear, replace_layer
 from .layers import get_weight
+from .methods import get_method
 from .ranks import check_ratio, kept_params, uniform_ranks
 from .stats import Cancelled, LayerStats
 
@@ -55,6 +56,8 @@ def layer_report(
     cancel: Any = None,
 ) -> list[dict]:
     """Per-layer records: rank, parameters, predicted / exact-quadratic / measured loss increase."""
+    if measure and (task is None or not batches):
+        raise ValueError("measuring the loss increase needs a task and calibration batches")
     recs = compression.layer_records()
     base_loss = task.measured_loss(model, batches) if measure else None
     for i, rec in enumerate(recs):
@@ -70,8 +73,6 @@ def layer_report(
         else:
             rec["relative_error"] = 0.0
         if measure:
-            if task is None or batches is None:
-                raise ValueError("measuring the loss increase needs a task and calibration batches")
             rec["measured_increase"] = 0.0 if r is None else measured_increase(model, task, batches, dec, r, base_loss)
         if progress:
             progress(i + 1, len(recs), f"layer report: {name}")
@@ -105,8 +106,11 @@ def sweep(
     (method "dense", ratio 1.0): the data of a rank/accuracy curve.
     """
     ratios = [check_ratio(r) for r in ratios]
+    if not ratios:
+        raise ValueError("sweep needs at least one ratio")
     if not methods:
         raise ValueError("sweep needs at least one method")
+    methods = [get_method(m) for m in methods]  # validate all before the long work
     reference = task.reference_outputs(model, batches)
     baseline = task.evaluate(model, batches, reference)
     rows = [{"method": "dense", "ratio": 1.0, "kept_layers": 1.0, "kept_model": 1.0, "metrics": baseline}]
@@ -114,7 +118,7 @@ def sweep(
     done = 0
     for method in methods:
         t0 = time.perf_counter()
-        key = method if isinstance(method, str) else method.name
+        key = method.name  # canonical name: "GFWSVD" and "gfwsvd" share decompositions
         decs = (decompositions or {}).get(key) or decompose_layers(model, stats, method, layers, cancel=cancel)
         t_dec = time.perf_counter() - t0
         shapes = {n: d.shape for n, d in decs.items()}

@@ -159,8 +159,10 @@ def required_kinds(methods: Sequence[Any]) -> tuple[str, ...]:
 
 
 def collect(exp: Experiment, methods: Sequence[Any] = ("svd", "fwsvd", "kfac", "gfwsvd"),
-            max_memory: Optional[int] = None, progress: Any = None, cancel: Any = None) -> dict[str, LayerStats]:
-    """One statistics pass with everything the given methods need."""
+            max_memory: Optional[int] = None, progress: Any = None, cancel: Any = None,
+            extra_kinds: Sequence[str] = ()) -> dict[str, LayerStats]:
+    """One statistics pass with everything the given methods need (plus ``extra_kinds``, e.g.
+    "samples" for the exact empirical-Fisher quadratic in reports)."""
     gen = torch.Generator().manual_seed(int(exp.settings["seed"]))
     fisher = exp.settings["fisher"]
 
@@ -169,7 +171,8 @@ def collect(exp: Experiment, methods: Sequence[Any] = ("svd", "fwsvd", "kfac", "
 
     t0 = time.perf_counter()
     exp.stats = collect_statistics(exp.model, exp.calib_batches, loss_fn, layers=exp.layers,
-                                   kinds=required_kinds(methods), sample_unit=exp.sample_unit,
+                                   kinds=tuple(dict.fromkeys(required_kinds(methods) + tuple(extra_kinds))),
+                                   sample_unit=exp.sample_unit,
                                    max_memory=max_memory, progress=progress, cancel=cancel)
     exp.decompositions.clear()
     _timed(exp, "statistics", t0)
@@ -192,7 +195,9 @@ def decompositions(exp: Experiment, method: Any, progress: Any = None, cancel: A
 
 
 def _has_kind(stats: Mapping[str, LayerStats], kind: str) -> bool:
-    s = next(iter(stats.values()))
+    s = next(iter(stats.values()), None)
+    if s is None:
+        return False
     return {
         "samples": s.X is not None or s.G is not None, "diagonal": s.grad_sq_sum is not None,
         "kfac": s.dd_sum is not None, "inputs": s.xx_sum is not None,
@@ -203,6 +208,7 @@ def run_compression(exp: Experiment, method: Any, ratio: Optional[float] = None,
                     ranks: Optional[Mapping[str, Optional[int]]] = None, measure: bool = False,
                     evaluate: bool = True, progress: Any = None, cancel: Any = None) -> tuple[Compression, dict]:
     """Compress with one method and build the JSON report (see :func:`report`)."""
+    method = get_method(method)  # a name or a configured Method; its config goes into the report
     decs = decompositions(exp, method, progress=progress, cancel=cancel)
     t0 = time.perf_counter()
     comp = compress(exp.model, exp.stats, method, ratio=ratio, ranks=ranks, decompositions=decs)
@@ -217,14 +223,14 @@ def run_compression(exp: Experiment, method: Any, ratio: Optional[float] = None,
         base = exp.baseline_metrics()
         metrics = exp.task.evaluate(comp.model, exp.eval_batches, exp.reference())
         _timed(exp, "evaluate", t0)
-    return comp, report(exp, comp, base, metrics, layers, ratio)
+    return comp, report(exp, comp, base, metrics, layers, ratio, method)
 
 
-def report(exp: Experiment, comp: Compression, base, metrics, layers: list[dict], ratio=None) -> dict:
+def report(exp: Experiment, comp: Compression, base, metrics, layers: list[dict], ratio=None, method=None) -> dict:
     kept = comp.kept_ratio(exp.model)
     return {
         "method": comp.method,
-        "method_config": get_method(comp.method).config(),
+        "method_config": get_method(method or comp.method).config(),
         "requested_ratio": ratio,
         "kept_ratio": {"layers": kept["layers"], "model": kept["model"]},
         "removed_ratio": {"layers": 1 - kept["layers"], "model": 1 - kept["model"]},

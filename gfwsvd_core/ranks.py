@@ -29,6 +29,8 @@ def check_ratio(ratio: float) -> float:
 def rank_for_ratio(m: int, n: int, ratio: float, align: int = 1) -> Optional[int]:
     """Rank keeping about ``ratio`` of the layer's parameters, or None when it would not shrink."""
     ratio = check_ratio(ratio)
+    if ratio >= 1:  # keeping everything means keeping the dense layer, whatever the rounding
+        return None
     r = int(math.floor(ratio * m * n / (m + n)))
     if align > 1:
         r = max(align, (r // align) * align)
@@ -73,50 +75,98 @@ def validate_ranks(shapes: Mapping[str, Shape], ranks: Mapping[str, Optional[int
     return out
 
 
+def _options(curve: torch.Tensor, m: int, n: int) -> list[tuple[int, float, Optional[int]]]:
+    """``(parameters, predicted loss, rank)`` of a layer's choices in increasing parameters:
+    every rank below break-even, then dense (``mn`` parameters, no loss)."""
+    opts = [(r * (m + n), float(curve[r]), r) for r in range(1, min(m, n, len(curve) - 1) + 1)
+            if r * (m + n) < m * n]
+    opts.append((m * n, 0.0, None))
+    return opts
+
+
+def _lower_hull(opts: list[tuple[int, float, Optional[int]]]) -> list[int]:
+    """Indices of the lower convex hull of the (parameters, loss) options, loss strictly decreasing."""
+    hull: list[int] = []
+    for i, (c, loss, _) in enumerate(opts):
+        if hull and loss >= opts[hull[-1]][1]:
+            continue  # costs more and loses no less: never worth it
+        while len(hull) >= 2:
+            (ca, la, _), (cb, lb, _) = opts[hull[-2]], opts[hull[-1]]
+            if (lb - la) * (c - ca) >= (loss - la) * (cb - ca):  # b on or above the chord a -> i
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return hull
+
+
 def budget_ranks(
     curves: Mapping[str, torch.Tensor], shapes: Mapping[str, Shape], ratio: float
 ) -> dict[str, Optional[int]]:
     """Minimise the summed predicted loss increase subject to a global kept-parameter ratio.
 
-    ``curves[name][k]`` is the layer's predicted loss at rank k (non-increasing, convex in k for
-    tail energies). Greedy on loss decrease per parameter is optimal for such separable convex
-    curves. A layer that would reach its break-even rank is kept dense. Only meaningful when the
-    curves share one scale (methods that keep the Fisher scale, e.g. GFWSVD and K-FAC).
+    ``curves[name][k]`` is the layer's predicted loss at rank k (non-increasing). Each layer
+    chooses a rank below its break-even rank (``r(m+n)`` parameters) or dense (``mn``
+    parameters, zero loss). Greedy on the lower convex hull of each layer's (parameters, loss)
+    choices, best loss decrease per parameter first, then leftover parameters go to the best
+    intermediate choices that still fit. This is exactly optimal whenever the budget falls on the
+    greedy path (e.g. convex curves with equal step costs) and otherwise within one hull step of
+    the optimum. Only meaningful when the curves share one scale (methods that keep the Fisher
+    scale, e.g. GFWSVD and K-FAC).
     """
     ratio = check_ratio(ratio)
-    budget = ratio * sum(m * n for m, n in shapes.values())
-    ranks = {name: 1 for name in shapes}
-    used = sum(m + n for m, n in shapes.values())
+    missing = [n for n in shapes if n not in curves]
+    if missing:
+        raise ValueError(f"no predicted-loss curve for layer(s) {', '.join(missing[:5])}")
+    total = sum(m * n for m, n in shapes.values())
+    budget = ratio * total
+    opts = {name: _options(curves[name], m, n) for name, (m, n) in shapes.items()}
+    hulls = {name: _lower_hull(o) for name, o in opts.items()}
+    pos = {name: 0 for name in shapes}  # position on the hull
+    idx = {name: hulls[name][0] for name in shapes}  # index into opts (the current choice)
+    used = sum(opts[name][idx[name]][0] for name in shapes)
     if used > budget:
-        raise ValueError(f"a budget of {ratio:.3f} is too small: rank 1 everywhere already keeps {used / (budget / ratio):.3f}")
-    heap = []
+        raise ValueError(f"a budget of {ratio:.3f} is too small: rank 1 everywhere already keeps {used / total:.3f}")
 
-    def push(name):
-        m, n = shapes[name]
-        r = ranks[name]
-        curve = curves[name]
-        if r is None or r >= len(curve) - 1:
+    heap: list = []
+    order = {name: i for i, name in enumerate(shapes)}
+
+    def push(name: str) -> None:
+        h, p = hulls[name], pos[name]
+        if p + 1 >= len(h):
             return
-        gain = float(curve[r] - curve[r + 1])
-        heapq.heappush(heap, (-gain / (m + n), name))
+        (c0, l0, _), (c1, l1, _) = opts[name][h[p]], opts[name][h[p + 1]]
+        heapq.heappush(heap, (-(l0 - l1) / (c1 - c0), order[name], name))
 
     for name in shapes:
         push(name)
     while heap:
-        _, name = heapq.heappop(heap)
-        m, n = shapes[name]
-        if used + (m + n) > budget:
-            continue
-        ranks[name] += 1
-        used += m + n
-        if ranks[name] * (m + n) >= m * n:  # reached break-even: go dense (costs mn, loss 0)
-            extra = m * n - ranks[name] * (m + n)
-            if used + extra <= budget:
-                used += extra
-                ranks[name] = None
-                continue
-            ranks[name] -= 1
-            used -= m + n
-            continue
+        _, _, name = heapq.heappop(heap)
+        h, p = hulls[name], pos[name]
+        cost = opts[name][h[p + 1]][0] - opts[name][h[p]][0]
+        if used + cost > budget:
+            continue  # this layer's later steps cost at least as much per unit of loss: it stops here
+        pos[name] = p + 1
+        idx[name] = h[p + 1]
+        used += cost
         push(name)
-    return ranks
+
+    # leftover: choices between a layer's current hull point and its next one that still fit
+    while True:
+        best = None
+        for name in shapes:
+            h, p = hulls[name], pos[name]
+            stop = h[p + 1] if p + 1 < len(h) else len(opts[name])
+            c0, l0, _ = opts[name][idx[name]]
+            for j in range(idx[name] + 1, stop):
+                c, loss, _ = opts[name][j]
+                if used + c - c0 <= budget and loss < l0:
+                    gain = (l0 - loss) / (c - c0)
+                    if best is None or gain > best[0]:
+                        best = (gain, name, j)
+        if best is None:
+            break
+        _, name, j = best
+        used += opts[name][j][0] - opts[name][idx[name]][0]
+        idx[name] = j
+    return {name: opts[name][idx[name]][2] for name in shapes}

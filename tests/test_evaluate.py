@@ -1,0 +1,206 @@
+"""evaluate.py: per-layer records (predicted / exact quadratic / measured) and sweeps."""
+
+import copy
+import functools
+
+import pytest
+import torch
+
+import tiny_models
+from gfwsvd_core import collect_statistics
+from gfwsvd_core import evaluate as ev
+from gfwsvd_core.compress import compress, decompose_layers
+from gfwsvd_core.data import default_passages
+from gfwsvd_core.factorized import LowRankLinear, replace_layer
+from gfwsvd_core.layers import get_weight
+from gfwsvd_core.models import default_layers
+from gfwsvd_core.stats import ALL_KINDS
+from gfwsvd_core.tasks import get_task
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices gain nothing from threads, and on a loaded 2-core machine OpenMP threads
+    waiting for each other make them up to 100x slower; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(task_name):
+    if task_name == "causal-lm":
+        model = tiny_models.tiny_gpt2()
+    else:
+        model = tiny_models.tiny_bert()
+    tok = tiny_models.tokenizer()
+    task = get_task(task_name)
+    texts = default_passages()
+    calib = task.make_batches(tok, texts[:12], max_length=32, batch_size=4)
+    evaluation = task.make_batches(tok, texts[100:116], max_length=32, batch_size=8)
+
+    def loss_fn(m, b):
+        return task.fisher_loss(m, b)
+
+    stats = collect_statistics(model, calib, loss_fn, layers=default_layers(model), kinds=ALL_KINDS,
+                               sample_unit=task.default_sample_unit)
+    return model, task, calib, evaluation, stats
+
+
+def setup(task_name="causal-lm"):
+    model, task, calib, evaluation, stats = _setup(task_name)
+    return copy.deepcopy(model), task, calib, evaluation, stats
+
+
+def test_layer_report_fields_and_values():
+    model, task, calib, _, stats = setup()
+    names = list(stats)
+    ranks = {n: 4 for n in names}
+    ranks[names[1]] = None  # one dense layer
+    comp = compress(model, stats, "gfwsvd", ranks=ranks)
+    recs = ev.layer_report(model, comp, stats, task, calib, measure=False)
+    assert [r["layer"] for r in recs] == names
+    for rec in recs:
+        for key in ("layer", "shape", "rank", "dense", "params_before", "params_after", "predicted_loss",
+                    "exact_quadratic", "relative_error"):
+            assert key in rec, key
+        assert "measured_increase" not in rec
+        name, r = rec["layer"], rec["rank"]
+        m, n = stats[name].shape
+        assert rec["shape"] == [m, n] and rec["params_before"] == m * n
+        if r is None:
+            assert rec["exact_quadratic"] == 0.0 and rec["relative_error"] == 0.0 and rec["predicted_loss"] == 0.0
+            continue
+        assert rec["params_after"] == r * (m + n)
+        dec = comp.decompositions[name].decomposition
+        W = get_weight(model.get_submodule(name)).double()
+        dW = W - dec.reconstruct(r)
+        assert rec["relative_error"] == pytest.approx(float(dW.norm() / W.norm()), rel=1e-9)
+        assert rec["predicted_loss"] == pytest.approx(0.5 * float((dec.S[r:].double() ** 2).sum()), rel=1e-9)
+        # exact quadratic: mean_k <G_k, dW>^2 / 2 from the per-sample gradients, in float64
+        G = torch.cat(list(stats[name].per_sample_gradients())).double()  # (K, m, n)
+        ref = 0.5 * float((((G * dW).sum((1, 2))) ** 2).mean())
+        assert rec["exact_quadratic"] == pytest.approx(ref, rel=1e-3, abs=1e-12)
+        assert rec["exact_quadratic"] > 0
+
+
+def test_layer_report_measured_increase():
+    model, task, calib, _, stats = setup()
+    comp = compress(model, stats, "kfac", ratio=0.5)
+    recs = ev.layer_report(model, comp, stats, task, calib, measure=True)
+    base = task.measured_loss(model, calib)
+    for rec in recs[:3]:
+        name = rec["layer"]
+        one = copy.deepcopy(model)
+        up, down = comp.decompositions[name].decomposition.factors(rec["rank"])
+        replace_layer(one, name, LowRankLinear.replacing(one.get_submodule(name), up, down))
+        assert rec["measured_increase"] == pytest.approx(task.measured_loss(one, calib) - base, rel=1e-5, abs=1e-7)
+    assert all("measured_increase" in r for r in recs)
+    # the original model is untouched by the per-layer measurements
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+    with pytest.raises(ValueError, match="task"):
+        ev.layer_report(model, comp, stats, None, None, measure=True)
+
+
+def test_measured_matches_quadratic_for_small_changes():
+    # near full rank, the measured loss change is dominated by first + second order terms; the
+    # exact quadratic and the first-order term <E[G], dW> together should predict it well
+    model, task, calib, _, stats = setup()
+    name = next(n for n in stats if stats[n].shape[0] == stats[n].shape[1])
+    comp = compress(model, stats, "gfwsvd", ranks={name: 15})
+    rec = ev.layer_report(model, comp, stats, task, calib, measure=True)[0]
+    W = get_weight(model.get_submodule(name)).double()
+    dW = comp.decompositions[name].decomposition.reconstruct(15) - W
+    linear = float((stats[name].grad_mean * dW).sum())
+    # measured_loss is the mean per-sample loss: its change is mean_k <G_k, dW> + O(dW^2)
+    assert rec["measured_increase"] == pytest.approx(linear + rec["exact_quadratic"], rel=0.3, abs=1e-6)
+
+
+def test_exact_quadratic_none_without_samples():
+    model, task, calib, _, _ = setup()
+    stats = collect_statistics(model, calib, lambda m, b: task.fisher_loss(m, b), layers=default_layers(model),
+                               kinds=("kfac",))
+    comp = compress(model, stats, "kfac", ratio=0.5)
+    recs = ev.layer_report(model, comp, stats)
+    assert all(r["exact_quadratic"] is None for r in recs)
+    recs = ev.layer_report(model, comp, None)
+    assert all(r["exact_quadratic"] is None for r in recs)
+
+
+def test_evaluate_pair():
+    model, task, _, evaluation, stats = setup("retrieval")
+    comp = compress(model, stats, "svd", ratio=0.3)
+    base, new = ev.evaluate_pair(task, model, comp.model, evaluation)
+    assert set(base) == set(new) == {"loss", "top1", "mrr", "fidelity"}
+    assert base["fidelity"] == pytest.approx(1.0, abs=1e-5)
+    assert new["fidelity"] < 1.0
+
+
+@pytest.mark.parametrize("task_name", ["causal-lm", "retrieval"])
+def test_sweep_rows_and_reuse(task_name, monkeypatch):
+    model, task, _, evaluation, stats = setup(task_name)
+    calls = []
+    real = ev.decompose_layers
+
+    def counting(*args, **kwargs):
+        calls.append(args[2] if len(args) > 2 else kwargs.get("method"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "decompose_layers", counting)
+    methods, ratios = ["svd", "GFWSVD"], [0.3, 0.6, 1.0]
+    rows = ev.sweep(model, stats, task, evaluation, methods, ratios)
+    assert len(calls) == len(methods)  # one decomposition pass per method, not per ratio
+    assert len(rows) == 1 + len(methods) * len(ratios)
+    dense = rows[0]
+    assert dense["method"] == "dense" and dense["ratio"] == 1.0 and dense["kept_layers"] == 1.0
+    baseline = task.evaluate(model, evaluation, task.reference_outputs(model, evaluation))
+    assert dense["metrics"] == pytest.approx(baseline)
+    got = [(r["method"], r["ratio"]) for r in rows[1:]]
+    assert got == [(m, r) for m in ("svd", "gfwsvd") for r in ratios]
+    for row in rows[1:]:
+        assert set(row["metrics"]) == set(baseline)
+        assert row["kept_layers"] <= row["ratio"] + 1e-12
+        assert 0 < row["kept_model"] <= 1
+        if row["ratio"] == 1.0:
+            assert row["kept_layers"] == 1.0 and row["metrics"] == pytest.approx(baseline)
+        else:
+            assert row["kept_layers"] > row["ratio"] - 0.1
+    # compressing at the same ratio directly gives the sweep's metrics
+    comp = compress(model, stats, "svd", ratio=0.3)
+    direct = task.evaluate(comp.model, evaluation, task.reference_outputs(model, evaluation))
+    assert rows[1]["metrics"] == pytest.approx(direct)
+    # given decompositions (keyed by canonical name) are reused: no new decomposition at all
+    calls.clear()
+    decs = {"svd": real(model, stats, "svd"), "gfwsvd": real(model, stats, "gfwsvd")}
+    rows2 = ev.sweep(model, stats, task, evaluation, ["svd", "GFWSVD"], [0.3], decompositions=decs)
+    assert calls == []
+    assert rows2[1]["metrics"] == pytest.approx(rows[1]["metrics"])
+    # the model is untouched
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+
+
+def test_sweep_errors():
+    model, task, _, evaluation, stats = setup()
+    for bad in ([0.0], [1.5], [-1]):
+        with pytest.raises(ValueError, match="ratio"):
+            ev.sweep(model, stats, task, evaluation, ["svd"], bad)
+    with pytest.raises(ValueError, match="ratio"):
+        ev.sweep(model, stats, task, evaluation, ["svd"], [])
+    with pytest.raises(ValueError, match="method"):
+        ev.sweep(model, stats, task, evaluation, [], [0.5])
+    with pytest.raises(ValueError, match="unknown method"):
+        ev.sweep(model, stats, task, evaluation, ["svd", "nope"], [0.5])
+
+
+def test_sweep_cancel():
+    import threading
+
+    from gfwsvd_core.stats import Cancelled
+
+    model, task, _, evaluation, stats = setup()
+    decs = {"svd": decompose_layers(model, stats, "svd")}
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        ev.sweep(model, stats, task, evaluation, ["svd"], [0.5], decompositions=decs, cancel=stop)
