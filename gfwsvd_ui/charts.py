@@ -14,41 +14,78 @@ EXPORT_CONFIG = {"toImageButtonOptions": {"format": "png", "scale": 2}, "display
 def _layout(fig: go.Figure, title: str, x: str, y: str, logy: bool = False, logx: bool = False) -> go.Figure:
     fig.update_layout(title=title, margin=dict(l=10, r=10, t=40, b=10), height=360, legend_title_text="",
                       template="plotly_white")
-    fig.update_xaxes(title_text=x, type="log" if logx else None, exponentformat="power" if logx else None)
+    fig.update_xaxes(title_text=x, type="log" if logx else None)  # ranks read best as 1, 2, 5, 10, 20...
     fig.update_yaxes(title_text=y, type="log" if logy else None, exponentformat="power" if logy else None)
     return fig
 
 
-def spectra(series: Mapping[str, Sequence[float]], title: str, y: str = "eigenvalue", colors=None) -> go.Figure:
+def spectra(series: Mapping[str, Sequence[float]], title: str, y: str = "eigenvalue", colors=None,
+            normalise: bool = False, floor: float = 1e-15) -> go.Figure:
+    """Descending spectra on a log axis. ``normalise``: divide each by its largest value (compare
+    shapes of factors with arbitrary scale). Values below ``floor`` x the largest are numerical
+    zeros and are left out (a log axis cannot show them; they would flatten the rest)."""
     fig = go.Figure()
     for name, vals in series.items():
-        vals = [max(float(v), 1e-30) for v in vals]
-        fig.add_trace(go.Scatter(x=list(range(1, len(vals) + 1)), y=vals, mode="lines", name=name,
+        vals = [float(v) for v in vals]
+        top = max(vals, default=0.0)
+        if top <= 0:
+            continue
+        keep = [(i + 1, v / top if normalise else v) for i, v in enumerate(vals) if v > floor * top]
+        fig.add_trace(go.Scatter(x=[i for i, _ in keep], y=[v for _, v in keep], mode="lines", name=name,
                                  line=dict(color=(colors or {}).get(name))))
-    return _layout(fig, title, "index (descending)", y, logy=True)
+    return _layout(fig, title, "index i (largest first)", y + (" / largest" if normalise else ""), logy=True)
 
 
-def heatmap(M, title: str, colorscale: str = "RdBu_r", symmetric: bool = True) -> go.Figure:
+def heatmap(M, title: str, x_title: str, y_title: str, full_shape=None, colorscale: str = "RdBu_r",
+            symmetric: bool = True, colorbar_title: str = "", height: int = 420) -> go.Figure:
+    """Heatmap of a (possibly average-pooled) matrix; ``full_shape`` = shape before pooling, so that
+    the axes keep the original row/column indices."""
     z = M.tolist() if hasattr(M, "tolist") else M
-    zmax = max(abs(v) for row in z for v in row) or 1.0
-    fig = go.Figure(go.Heatmap(z=z, colorscale=colorscale, zmid=0 if symmetric else None,
-                               zmin=-zmax if symmetric else None, zmax=zmax if symmetric else None,
-                               colorbar=dict(thickness=10)))
-    fig.update_yaxes(autorange="reversed", scaleanchor="x")
-    fig.update_layout(title=title, margin=dict(l=10, r=10, t=40, b=10), height=320, template="plotly_white")
+    rows, cols = len(z), len(z[0]) if z else 0
+    fr, fc = full_shape or (rows, cols)
+    sr, sc = max(1, -(-fr // max(rows, 1))), max(1, -(-fc // max(cols, 1)))
+    # robust colour range (percentiles), so that a few outlier entries (e.g. MiniLM's large activation
+    # dimensions, or exact zeros on a log scale) do not wash out the structure; hover shows true values
+    vals = sorted(v for row in z for v in row if v == v)
+
+    def pct(q: float) -> float:
+        return vals[min(len(vals) - 1, int(q * len(vals)))] if vals else 0.0
+
+    if symmetric:
+        mags = sorted(abs(v) for v in vals)
+        zmax = (mags[min(len(mags) - 1, int(0.99 * len(mags)))] or mags[-1]) if mags else 1.0
+        zmin, zmax = -(zmax or 1.0), (zmax or 1.0)
+    else:
+        zmin, zmax = pct(0.01), (vals[-1] if vals else 1.0)
+    fig = go.Figure(go.Heatmap(z=z, x=[j * sc for j in range(cols)], y=[i * sr for i in range(rows)],
+                               colorscale=colorscale, zmin=zmin, zmax=zmax,
+                               colorbar=dict(thickness=10, title=dict(text=colorbar_title, side="right")),
+                               hovertemplate=f"{y_title} %{{y}}<br>{x_title} %{{x}}<br>value %{{z:.3g}}<extra></extra>"))
+    pooled = f" · {sr}×{sc} blocks averaged" if (sr, sc) != (1, 1) else ""
+    fig.update_xaxes(title_text=x_title, constrain="domain")
+    fig.update_yaxes(title_text=y_title, autorange="reversed", constrain="domain",
+                     **({"scaleanchor": "x"} if fr == fc else {}))
+    fig.update_layout(title=dict(text=title + pooled, font=dict(size=14)), margin=dict(l=10, r=10, t=40, b=10),
+                      height=height, template="plotly_white")
     return fig
 
 
-def curves(rows: Sequence[dict], y: str, title: str, y_title: str, logy: bool = True, marker_rank=None) -> go.Figure:
+def curves(rows: Sequence[dict], y: str, title: str, y_title: str, logy: bool = True, marker_rank=None,
+           floor: float = 1e-14) -> go.Figure:
+    """One line per method over rank (log-spaced ranks on a log axis). On a log y axis, values below
+    ``floor`` x the trace's largest (exact zeros at full rank) are left out."""
     fig = go.Figure()
     for method in dict.fromkeys(r["method"] for r in rows):
         pts = [r for r in rows if r["method"] == method and r.get(y) is not None]
-        fig.add_trace(go.Scatter(x=[r["rank"] for r in pts], y=[max(r[y], 1e-30) if logy else r[y] for r in pts],
+        if logy:
+            top = max((r[y] for r in pts), default=0.0)
+            pts = [r for r in pts if r[y] > floor * top]
+        fig.add_trace(go.Scatter(x=[r["rank"] for r in pts], y=[r[y] for r in pts],
                                  mode="lines+markers", name=label(method), line=dict(color=COLORS.get(method)),
                                  marker=dict(size=5)))
     if marker_rank:
         fig.add_vline(x=marker_rank, line_dash="dot", line_color="#555")
-    return _layout(fig, title, "rank r", y_title, logy=logy)
+    return _layout(fig, title, "rank r (log scale)", y_title, logy=logy, logx=True)
 
 
 def sweep_curves(rows: Sequence[dict], metric: str, higher_is_better: bool) -> go.Figure:
@@ -65,8 +102,12 @@ def sweep_curves(rows: Sequence[dict], metric: str, higher_is_better: bool) -> g
     return _layout(fig, f"{metric} vs parameters kept ({arrow})", "parameters kept in compressed layers (fraction)", metric)
 
 
-def rank_heatmap(layers: Sequence[str], ranks_grid: Sequence[int], z, chosen: Mapping[str, object]) -> go.Figure:
+def rank_heatmap(layers: Sequence[str], ranks_grid: Sequence[int], z, chosen: Mapping[str, object],
+                 title: str = "predicted loss increase per layer and rank") -> go.Figure:
     """Layer x rank heatmap of predicted loss (log10); chosen ranks marked; click to choose."""
+    finite = [v for row in z for v in row if v > -29]  # -30 = a predicted loss of exactly 0
+    zmin = min(finite, default=-30.0)
+    z = [[max(v, zmin) for v in row] for row in z]
     fig = go.Figure(go.Heatmap(z=z, x=[str(r) for r in ranks_grid], y=list(layers), colorscale="Viridis",
                                colorbar=dict(title="log10 loss", thickness=10),
                                hovertemplate="layer %{y}<br>rank %{x}<br>log10 predicted loss %{z:.2f}<extra></extra>"))
@@ -81,6 +122,7 @@ def rank_heatmap(layers: Sequence[str], ranks_grid: Sequence[int], z, chosen: Ma
                              name="chosen", hoverinfo="skip"))
     fig.update_xaxes(type="category", title_text="rank r")
     fig.update_yaxes(autorange="reversed", title_text="layer")
-    fig.update_layout(height=max(320, 16 * len(layers) + 80), margin=dict(l=10, r=10, t=30, b=10),
+    fig.update_layout(title=dict(text=title, font=dict(size=14)), height=max(320, 16 * len(layers) + 100),
+                      margin=dict(l=10, r=10, t=40, b=10),
                       template="plotly_white", showlegend=False)
     return fig

@@ -38,6 +38,7 @@ class Workspace:
     compressed: Any = None  # (Compression, report)
     measured: dict = field(default_factory=dict)  # {(layer, method, rank): measured increase}
     curves: dict = field(default_factory=dict)  # {layer: rows}
+    curve_errors: dict = field(default_factory=dict)  # {layer: message}: not retried automatically
     export_zip: Optional[bytes] = None
     notice: str = ""
 
@@ -64,12 +65,39 @@ def shared_model(name: str, task: Optional[str], device: Optional[str]):
         return _MODELS[key]
 
 
-def start_job(kind: str, fn: Callable[..., Any], *args, **kwargs) -> None:
+#: One model-using job at a time across all sessions: the statistics pass attaches forward hooks
+#: and toggles ``requires_grad`` on the *shared* cached model, so a second session's forward passes
+#: (or deep copies made meanwhile) would see them. Jobs queue here instead.
+_MODEL_JOBS = threading.Lock()
+
+
+def _serialised(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args, progress, cancel, **kwargs):
+        from gfwsvd_core.stats import Cancelled
+
+        while not _MODEL_JOBS.acquire(timeout=0.25):
+            progress(0, None, "waiting for another session's job on the shared model")
+            if cancel.is_set():
+                raise Cancelled("cancelled while waiting")
+        try:
+            return fn(*args, progress=progress, cancel=cancel, **kwargs)
+        finally:
+            _MODEL_JOBS.release()
+
+    return run
+
+
+def start_job(kind: str, fn: Callable[..., Any], *args, uses_model: bool = True, **kwargs) -> None:
+    """Run ``fn(*args, progress=, cancel=, **kwargs)`` in the background as this session's job.
+
+    ``uses_model``: the job runs the shared model (forward/backward passes, hooks), so it waits for
+    other sessions' such jobs; pure post-processing (curves, zips) passes False.
+    """
     w = ws()
     if w.job is not None and w.job.running:
         st.warning(f"'{w.job.name}' is still running; wait for it or cancel it first.")
         return
-    w.job = Job(kind, fn, *args, **kwargs)
+    w.job = Job(kind, _serialised(fn) if uses_model else fn, *args, **kwargs)
     w.job_kind = kind
 
 
@@ -97,8 +125,11 @@ def job_panel(kind: str) -> None:
         if not getattr(job, "_shown", False):
             job._shown = True
             st.rerun()  # redraw the whole page with the job's results
-        if job.error:
-            st.error(f"{job.error}" + ("" if job.cancelled else " — fix the input above and try again."))
+        if job.cancelled:
+            st.warning(f"{job.name} was cancelled after {job.elapsed:.0f} s. "
+                       "Press the button again to restart it.")
+        elif job.error:
+            st.error(f"{job.error} — fix the input above and try again.")
         else:
             st.success(f"{job.name} finished in {job.elapsed:.1f} s")
 

@@ -53,19 +53,28 @@ def export_folder(folder: Path) -> Path:
 c1, c2 = st.columns(2)
 with c1:
     st.markdown("**Download**")
-    if w.export_zip is None and st.button("Prepare zip"):
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = export_folder(Path(tmp) / "compressed")
-            buf = io.BytesIO()
-            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-                for f in sorted(folder.rglob("*")):
-                    if f.is_file():
-                        zf.write(f, Path("compressed") / f.relative_to(folder))
-            w.export_zip = buf.getvalue()
+    if w.export_zip is None:
+        if st.button("Prepare zip", disabled=busy(), help="writes the folder and zips it in the background"):
+            def zip_job(progress, cancel):
+                progress(0, 2, "writing the compressed folder")
+                with tempfile.TemporaryDirectory() as tmp:
+                    folder = export_folder(Path(tmp) / "compressed")
+                    progress(1, 2, "zipping")
+                    buf = io.BytesIO()
+                    # weights barely compress: a light level keeps it fast
+                    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+                        for f in sorted(folder.rglob("*")):
+                            if f.is_file():
+                                zf.write(f, Path("compressed") / f.relative_to(folder))
+                w.export_zip = buf.getvalue()
+                progress(2, 2, "done")
+
+            start_job("Preparing zip", zip_job, uses_model=False)
+        job_panel("Preparing zip")
     if w.export_zip is not None:
         st.download_button("Download compressed model (.zip)", w.export_zip, file_name=f"gfwsvd-{comp.method}.zip",
-                           mime="application/zip", key="download_zip")
-        st.caption(f"{len(w.export_zip) / 2**20:.1f} MiB")
+                           mime="application/zip", key="download_zip", type="primary")
+        st.caption(f"{len(w.export_zip) / 2**20:.1f} MiB · unzips to a folder `compressed/`")
 with c2:
     st.markdown("**Save to a folder on this machine**")
     target = st.text_input("Folder", value=str(Path.cwd() / "out" / f"compressed-{comp.method}"), key="export_path")

@@ -37,37 +37,50 @@ A, B = d.factors
 kfac_in, kfac_out = stats.kfac_in, stats.kfac_out
 k = d.info.get("kronecker", {})
 
-c = st.columns(5)
-c[0].metric("captured energy η", f"{k.get('eta', float('nan')):.3f}")
+c = st.columns(6)
+c[0].metric("captured energy η", f"{k.get('eta', float('nan')):.3f}", help="share of ‖F‖² explained by A ⊗ B")
 c[1].metric("fit error √(1−η)", f"{k.get('fit_error', float('nan')):.3f}")
-c[2].metric("gap s₂/s₁", f"{k.get('gap', float('nan')):.3f}")
+c[2].metric("gap s₂/s₁", f"{k.get('gap', float('nan')):.3f}", help="near 1: the Kronecker factors are ill-determined")
 c[3].metric("ALS sweeps", k.get("sweeps"))
-c[4].metric("damping (out / in)", f"{d.info.get('left_damping', 0):.0e} / {d.info.get('right_damping', 0):.0e}")
+c[4].metric("damping, output side", f"{d.info.get('left_damping', 0):.0e}", help="added to B before its root (relative)")
+c[5].metric("damping, input side", f"{d.info.get('right_damping', 0):.0e}", help="added to A before its root (relative)")
 if d.info.get("left_fell_back") or d.info.get("right_fell_back"):
     st.warning("A factor of this layer was unusable and fell back to the identity: this layer is plain SVD on that side.")
 
 col1, col2 = st.columns(2)
 col1.plotly_chart(charts.spectra({"GFWSVD A": spectrum(A).tolist(), "K-FAC E[x xᵀ]": spectrum(kfac_in).tolist()},
-                                 f"input side (n = {A.shape[0]}): eigenvalues",
+                                 f"input side (n = {A.shape[0]}): eigenvalues", normalise=True,
                                  colors={"GFWSVD A": COLORS["gfwsvd"], "K-FAC E[x xᵀ]": COLORS["kfac"]}),
                   config=charts.EXPORT_CONFIG, key="spec_in")
 col2.plotly_chart(charts.spectra({"GFWSVD B": spectrum(B).tolist(), "K-FAC E[d dᵀ]": spectrum(kfac_out).tolist()},
-                                 f"output side (m = {B.shape[0]}): eigenvalues",
+                                 f"output side (m = {B.shape[0]}): eigenvalues", normalise=True,
                                  colors={"GFWSVD B": COLORS["gfwsvd"], "K-FAC E[d dᵀ]": COLORS["kfac"]}),
                   config=charts.EXPORT_CONFIG, key="spec_out")
-st.caption("Spectra are scale-free comparisons of shape: both factor pairs are only defined up to a scalar split between A and B.")
+st.caption("Each spectrum is divided by its largest eigenvalue: both factor pairs are only defined up to a scalar "
+           "split between A and B, so only their shapes compare. Eigenvalues below 10⁻¹⁵ of the largest "
+           "(numerically zero, e.g. from fewer samples than dimensions) are not drawn.")
 
-st.subheader("Factors as heatmaps (average-pooled to at most 256 × 256)")
-h = st.columns(4)
-h[0].plotly_chart(charts.heatmap(pool(A), "GFWSVD A (input)"), config=charts.EXPORT_CONFIG, key="hm_a")
-h[1].plotly_chart(charts.heatmap(pool(kfac_in), "K-FAC E[x xᵀ]"), config=charts.EXPORT_CONFIG, key="hm_kin")
-h[2].plotly_chart(charts.heatmap(pool(B), "GFWSVD B (output)"), config=charts.EXPORT_CONFIG, key="hm_b")
-h[3].plotly_chart(charts.heatmap(pool(kfac_out), "K-FAC E[d dᵀ]"), config=charts.EXPORT_CONFIG, key="hm_kout")
-st.plotly_chart(charts.heatmap(pool(stats.diagonal_fisher.log10().clamp_min(-30)), "diagonal Fisher log10 E[G²] (out × in)",
-                               colorscale="Viridis", symmetric=False), config=charts.EXPORT_CONFIG, key="hm_diag")
+st.subheader("Factors as heatmaps")
+st.caption("Large factors are block-averaged to at most 256 × 256 cells; axes keep the original indices. "
+           "Red = positive, blue = negative, each map on its own symmetric scale clipped at the 99th "
+           "percentile of |entries| (hover for exact values).")
+cells = [(A, "GFWSVD A", "input"), (kfac_in, "K-FAC E[x xᵀ]", "input"),
+         (B, "GFWSVD B", "output"), (kfac_out, "K-FAC E[d dᵀ]", "output")]
+for row in range(2):
+    h = st.columns(2)
+    for col, (M, title, side) in zip(h, cells[2 * row: 2 * row + 2]):
+        col.plotly_chart(charts.heatmap(pool(M), f"{title}, {side} side", f"{side} index", f"{side} index",
+                                        full_shape=tuple(M.shape)),
+                         config=charts.EXPORT_CONFIG, key=f"hm_{title}")
+diag = stats.diagonal_fisher
+st.plotly_chart(charts.heatmap(pool(diag.clamp_min(1e-30).log10()), "diagonal Fisher E[G²] per weight (FWSVD's weights)",
+                               "input index (column of W)", "output index (row of W)", full_shape=tuple(diag.shape),
+                               colorscale="Viridis", symmetric=False, colorbar_title="log10"),
+                config=charts.EXPORT_CONFIG, key="hm_diag")
 
 st.subheader("Kronecker diagnostics, all layers")
-st.dataframe(kronecker_table(decs), hide_index=True, width="stretch",
+table = [{**r, "layer": short(r["layer"])} for r in kronecker_table(decs)]
+st.dataframe(table, hide_index=True, width="stretch",
              column_config={"eta": st.column_config.NumberColumn(format="%.3f"),
                             "fit_error": st.column_config.NumberColumn(format="%.3f"),
                             "gap": st.column_config.NumberColumn(format="%.3f")})

@@ -36,19 +36,28 @@ cols = st.columns(len(methods))
 for col, m in zip(cols, methods):
     dec = decs[m].decomposition
     rel = float((W.double() - dec.reconstruct(rank)).norm() / W.double().norm())
-    col.metric(label(m), f"{rel:.3f}", f"pred. {float(dec.predicted_loss[rank]):.2e}", delta_color="off",
+    col.metric(label(m), f"{rel:.3f}", f"pred. {float(dec.predicted_loss[rank]):.2e}", delta_color="off", delta_arrow="off",
                help="relative reconstruction error ‖W − W_r‖/‖W‖; below: the method's own predicted loss increase")
 
 # --- curves over rank (computed once per layer in the background)
-if layer not in w.curves and not busy():
+if layer in w.curve_errors:
+    st.error(f"Could not compute the rank curves of this layer: {w.curve_errors[layer]}. "
+             "Pick another layer, or collect the statistics again.")
+elif layer not in w.curves and busy():
+    st.info(f"The rank curves are computed once '{w.job.name}' has finished; come back to this page then.")
+elif layer not in w.curves:
     gf = decs["gfwsvd"].factors
 
     def work(progress, cancel):
         progress(0, 1, f"curves for {short(layer)}")
-        w.curves[layer] = layer_curves(W, decs, exp.stats[layer], kronecker=gf)
+        try:
+            w.curves[layer] = layer_curves(W, decs, exp.stats[layer], kronecker=gf)
+        except Exception as exc:
+            w.curve_errors[layer] = " ".join(str(exc).split()) or type(exc).__name__
+            raise
         progress(1, 1, "done")
 
-    start_job("Computing rank curves", work)
+    start_job("Computing rank curves", work, uses_model=False)
 job_panel("Computing rank curves")
 rows = [r for r in w.curves.get(layer, []) if r["method"] in methods]
 if rows:

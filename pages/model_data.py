@@ -29,8 +29,9 @@ with st.form("settings"):
     eval_samples = c5.number_input("Held-out texts", 4, 100000, int(s["eval_samples"]), step=8)
     max_length = c6.number_input("Max tokens per text", 8, 4096, int(s["max_length"]), step=8)
     c7, c8, c9 = st.columns(3)
-    layer_filter = c7.text_input("Layer filter (patterns, comma-separated; empty = all block linears)",
-                                 value=",".join(s["layers"] or []))
+    layer_filter = c7.text_input("Layer filter", value=",".join(s["layers"] or []), placeholder="all block linears",
+                                 help="comma-separated name patterns, e.g. 'layer.0.,intermediate'; empty = every "
+                                      "linear layer of the transformer blocks")
     fisher = c8.selectbox("Fisher", ["empirical", "mc"], index=["empirical", "mc"].index(s["fisher"]),
                           help="empirical: data labels; mc: targets sampled from the model's own predictions")
     unit = c9.selectbox("Sample unit", ["task default", "token", "sequence", "batch"],
@@ -60,12 +61,18 @@ if submitted:
     w.settings = settings
 
     def load(progress, cancel):
-        progress(0, 2, "loading the model")
+        progress(0, 3, "loading the model")
         bundle = shared_model(settings["model"], settings["task"], None)
-        progress(1, 2, "tokenising calibration and held-out text")
+        progress(1, 3, "tokenising calibration and held-out text")
         exp = pipeline.prepare(bundle=bundle, **settings)
-        w.exp, w.ranks, w.sweep, w.compressed, w.measured, w.curves = exp, {}, None, None, {}, {}
-        progress(2, 2, "done")
+        progress(2, 3, "timing one calibration batch for the estimate")
+        try:
+            exp.time_estimate()  # measured once here, in the background; the page reads the cached value
+        except Exception:  # an estimate must never block loading
+            pass
+        w.exp, w.ranks, w.sweep, w.compressed, w.measured, w.curves, w.curve_errors = exp, {}, None, None, {}, {}, {}
+        w.export_zip = None
+        progress(3, 3, "done")
         return exp
 
     start_job("Loading model and data", load)
@@ -79,17 +86,22 @@ if exp is None:
 st.subheader("Loaded")
 c1, c2, c3, c4 = st.columns(4)
 n_params = sum(p.numel() for p in exp.model.parameters())
-c1.metric("Model", exp.settings["model"], exp.bundle.task, delta_color="off")
+c1.metric("Model", exp.settings["model"], exp.bundle.task, delta_color="off", delta_arrow="off")
 c2.metric("Parameters", f"{n_params / 1e6:.1f} M")
 c3.metric("Layers to compress", len(exp.layers))
 c4.metric("Calibration / held-out", f"{len(exp.calib.texts)} / {len(exp.evaluation.texts)}")
 mem = sum(exp.memory_estimate().values())
 batches = len(exp.calib_batches)
+est = getattr(exp, "_time_estimate", None)  # measured by the load job (gfwsvd_core.pipeline.Experiment.time_estimate)
+if est:
+    when = (f"about **{est['statistics']:.0f} s** for the statistics pass and **{est['kronecker']:.0f} s** for the "
+            "Kronecker factors (measured on this machine), plus one weighted SVD per layer and method")
+else:
+    when = f"about **{max(2, round(batches * exp.settings['max_length'] * len(exp.layers) / 9000))} s** for the statistics pass"
 st.caption(
     f"Sample unit **{exp.sample_unit}**, Fisher **{exp.settings['fisher']}**, {batches} calibration batches. "
-    f"Estimated statistics memory: **{mem / 2**20:.0f} MiB**; estimated time: about "
-    f"**{max(2, round(batches * exp.settings['max_length'] * len(exp.layers) / 9000))} s** on 2 CPU cores "
-    "(plus the Kronecker factors)."
+    f"Estimated statistics memory: **{mem / 2**20:.0f} MiB**; estimated time: {when}. "
+    "Fewer texts, shorter texts or a layer filter make it faster."
 )
 
 if st.button("Collect statistics", type="primary", disabled=busy()):
@@ -98,7 +110,8 @@ if st.button("Collect statistics", type="primary", disabled=busy()):
         for m in METHODS:
             steps.append((m, lambda progress, cancel, m=m: pipeline.decompositions(exp, m, progress=progress, cancel=cancel)))
         run_steps(steps, progress=progress, cancel=cancel)
-        w.ranks, w.sweep, w.compressed, w.curves = {}, None, None, {}
+        w.ranks, w.sweep, w.compressed, w.curves, w.curve_errors, w.measured = {}, None, None, {}, {}, {}
+        w.export_zip = None
 
     start_job("Collecting statistics", collect)
 

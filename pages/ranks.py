@@ -36,7 +36,7 @@ with c2:
             w.ranks = budget_ranks({n: d.predicted_loss for n, d in decs.items()}, shapes, budget)
             st.session_state["editor_version"] += 1
         except ValueError as exc:
-            st.error(str(exc))
+            st.error(f"{exc}. Raise the budget, or fill uniform ranks instead.")
     if method in ("svd", "fwsvd"):
         st.caption("⚠ This method's predicted losses are not in loss units, so a global budget compares unlike "
                    "quantities across layers; K-FAC or GFWSVD keep the Fisher scale.")
@@ -47,18 +47,22 @@ total = sum(p.numel() for p in exp.model.parameters())
 model_after = total - before + after
 pred = sum(float(decs[n].predicted_loss[r]) for n, r in w.ranks.items() if r is not None)
 m = st.columns(4)
-m[0].metric("kept, compressed layers", f"{after / before:.3f}", f"−{1 - after / before:.1%} removed", delta_color="off")
-m[1].metric("kept, whole model", f"{model_after / total:.3f}", f"{model_after / 1e6:.2f} M of {total / 1e6:.2f} M", delta_color="off")
+m[0].metric("kept, compressed layers", f"{after / before:.3f}", f"−{1 - after / before:.1%} removed", delta_color="off",
+            delta_arrow="off")
+m[1].metric("kept, whole model", f"{model_after / total:.3f}", f"{model_after / 1e6:.2f} M of {total / 1e6:.2f} M",
+            delta_color="off", delta_arrow="off")
 m[2].metric("dense layers", sum(1 for r in w.ranks.values() if r is None))
 m[3].metric(f"Σ predicted loss ({label(method)})", f"{pred:.3e}")
 
 # --- heatmap (click a cell to choose that rank)
-grid = rank_grid(max(min(s) for s in shapes.values()), 20)
+# ranks up to the largest break-even rank: above it every layer is cheaper dense
+grid = rank_grid(max(max(1, (mm * nn) // (mm + nn)) for mm, nn in shapes.values()), 20)
 layers = list(shapes)
 z = [[math.log10(max(float(decs[n].predicted_loss[min(g, len(decs[n].predicted_loss) - 1)]), 1e-30)) for g in grid]
      for n in layers]
 event = st.plotly_chart(charts.rank_heatmap([short(n) for n in layers], grid, z,
-                                            {short(n): r for n, r in w.ranks.items()}),
+                                            {short(n): r for n, r in w.ranks.items()},
+                                            title=f"predicted loss increase ({label(method)}), per layer and rank"),
                         on_select="rerun", selection_mode="points", key=f"rank_heatmap_{st.session_state['editor_version']}",
                         config=charts.EXPORT_CONFIG)
 points = (event or {}).get("selection", {}).get("points", []) if isinstance(event, dict) or hasattr(event, "get") else []
