@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "assets" / "screenshots"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run", "--disable-quic"]
-LONG = 300_000  # ms: statistics on the default model on a 2-core CPU
+LONG = 420_000  # ms: statistics on the default model on a 2-core CPU (busy machines are slow)
 PLOT = '[data-testid="stPlotlyChart"] .js-plotly-plot'
 EXCEPTION = '[data-testid="stException"]'
 
@@ -194,6 +194,20 @@ def test_explorer_end_to_end(server, page, tmp_path):
         arg=["kept, compressed layers", kept], timeout=30_000)
     assert float(metric(page, "kept, compressed layers")) < float(kept)
     charts_render(page, 1)
+    # a small sweep: SVD vs GFWSVD at two kept ratios, one chart per metric against the dense line
+    for name in ("FWSVD", "K-FAC"):
+        page.get_by_role("button", name=f"Remove {name}").click()
+        page.get_by_role("button", name=f"Remove {name}").wait_for(state="detached")
+    ratios = page.get_by_label("Kept ratios")
+    ratios.fill("0.3, 0.6")
+    ratios.press("Enter")
+    page.wait_for_timeout(500)
+    t = time.time()
+    page.get_by_role("button", name="Run sweep").click()
+    page.get_by_text("Running sweep finished").wait_for(timeout=LONG)
+    timings["sweep (2 methods x 2 ratios)"] = time.time() - t
+    charts_render(page, 3)  # heatmap + at least two metric charts
+    page.locator('[data-testid="stDataFrame"]').last.wait_for()
     shot(page, "ranks")
 
     # --- Export: compress, evaluate, zip, download, load again

@@ -23,13 +23,8 @@ SMALL = ["--samples", "6", "--eval-samples", "4", "--max-length", "24", "--batch
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices gain nothing from threads, and on a loaded 2-core machine OpenMP threads
-    waiting for each other make them up to 100x slower; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """See conftest.one_thread."""
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import tiny_models
+from test_stats import encoder_loss, lm_loss
 from gfwsvd_core import available_methods, collect_statistics
 from gfwsvd_core.compress import compress, decompose_layers
 from gfwsvd_core.factorized import LowRankLinear
@@ -18,13 +19,8 @@ from gfwsvd_core.stats import ALL_KINDS
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices gain nothing from threads, and on a loaded 2-core machine OpenMP threads
-    waiting for each other make them up to 100x slower; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """See conftest.one_thread."""
 
 
 def make_batch(B=4, T=8, seed=0):
@@ -34,19 +30,6 @@ def make_batch(B=4, T=8, seed=0):
     mask[1, T - 2:] = 0
     mask[3, T - 3:] = 0
     return {"input_ids": ids, "attention_mask": mask}
-
-
-def encoder_loss(model, batch):
-    out = model(**batch).last_hidden_state  # (B, T, h)
-    v = torch.linspace(-1, 1, out.shape[-1])
-    return (torch.tanh(out @ v) ** 2 * batch["attention_mask"]).sum(1)
-
-
-def lm_loss(model, batch):
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    tgt = batch["input_ids"][:, 1:]
-    lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tgt[..., None])[..., 0]
-    return -(lp * batch["attention_mask"][:, 1:]).sum(1)
 
 
 CASES = {
