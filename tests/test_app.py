@@ -19,23 +19,12 @@ from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 LATER_PAGES = ["pages/factors.py", "pages/layer_lab.py", "pages/ranks.py", "pages/export.py"]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, one torch thread
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> str:
     return str(tiny_models.save_tiny(tiny_models.tiny_bert(), tmp_path_factory.mktemp("tiny-bert")))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads
-    spinning against other processes make them ~100x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -198,7 +198,7 @@ def test_explorer_end_to_end(server, page, tmp_path):
     for name in ("FWSVD", "K-FAC"):
         page.get_by_role("button", name=f"Remove {name}").click()
         page.get_by_role("button", name=f"Remove {name}").wait_for(state="detached")
-    ratios = page.get_by_label("Kept ratios")
+    ratios = page.get_by_role("textbox", name="Kept ratios")
     ratios.fill("0.3, 0.6")
     ratios.press("Enter")
     page.wait_for_timeout(500)
