@@ -16,6 +16,8 @@ own predictive distribution (the true Fisher in expectation).
 
 from __future__ import annotations
 
+import abc
+
 import contextlib
 import inspect
 import math
@@ -91,7 +93,7 @@ def _eval_mode(model: nn.Module):
 # --------------------------------------------------------------------------- base class
 
 
-class Task:
+class Task(abc.ABC):
     """Base class: one subclass per task; instances are stateless."""
 
     name: str = ""
@@ -99,20 +101,23 @@ class Task:
     higher_is_better: dict[str, bool] = {}
     primary_metric: str = "loss"
 
+    @abc.abstractmethod
     def make_batches(self, tokenizer, texts: Sequence[str], labels: Optional[Sequence] = None,
                      max_length: int = 128, batch_size: int = 8) -> list[dict[str, Tensor]]:
-        raise NotImplementedError
+        """Implemented by each task."""
 
+    @abc.abstractmethod
     def fisher_loss(self, model: nn.Module, batch: dict, fisher: str = "empirical",
                     generator: Optional[torch.Generator] = None) -> Tensor:
-        raise NotImplementedError
+        """Implemented by each task."""
 
     def reference_outputs(self, model: nn.Module, batches: Sequence[dict]) -> Any:
         """Outputs of the (uncompressed) model that fidelity metrics compare with; None here."""
         return None
 
+    @abc.abstractmethod
     def evaluate(self, model: nn.Module, batches: Sequence[dict], reference: Any = None) -> dict[str, float]:
-        raise NotImplementedError
+        """Implemented by each task."""
 
     def measured_loss(self, model: nn.Module, batches: Sequence[dict]) -> float:
         """Mean over batches of the empirical loss per sample (per pair for retrieval).

@@ -32,8 +32,9 @@ class Method:
     requires: ClassVar[tuple[str, ...]] = ()  # statistics kinds (see stats.ALL_KINDS)
     description: ClassVar[str] = ""
 
-    def weights(self, stats: Optional[LayerStats]) -> Weights:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def weights(self, stats: Optional[LayerStats]) -> Weights:
+        """Turn one layer's statistics into solver weights (each method overrides this)."""
+        raise TypeError(f"{type(self).__name__} does not implement weights()")
 
     def config(self) -> dict:
         from dataclasses import asdict
