@@ -232,6 +232,7 @@ def cmd_compress(a) -> int:
 
 def cmd_evaluate(a) -> int:
     from . import pipeline
+    from .evaluate import evaluate_pair
     from .io import load_compressed, save_compressed
     from .methods import get_method
 
@@ -240,7 +241,7 @@ def cmd_evaluate(a) -> int:
         exp = pipeline.prepare(**_options(a))
         _check_same_model(exp.model, model, a)
         model.to(exp.model.device)
-        base, metrics = pipeline.evaluate_pair(exp.task, exp.model, model, exp.eval_batches, exp.reference())
+        base, metrics = evaluate_pair(exp.task, exp.model, model, exp.eval_batches, exp.reference())
         rep = {"compressed": str(a.compressed), "model": a.model, **_export_summary(a.compressed, exp.model, model),
                "baseline_metrics": base, "metrics": metrics, "calibration": exp.data_record(),
                "timings": dict(exp.timings)}

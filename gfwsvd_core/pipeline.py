@@ -17,7 +17,8 @@ import torch
 
 from .compress import Compression, LayerDecomposition, compress, decompose_layers
 from .data import TextSource, load_texts, split_texts
-from .evaluate import evaluate_pair, layer_report, sweep  # noqa: F401 (evaluate_pair re-exported for the CLI)
+from .evaluate import layer_report, sweep
+from .layers import select_layers
 from .methods import get_method
 from .models import ModelBundle, default_layers, load_model
 from .stats import LayerStats, collect_statistics, estimate_memory
@@ -143,8 +144,7 @@ def prepare(bundle: Optional[ModelBundle] = None, **options) -> Experiment:
     calib_batches = task.make_batches(bundle.tokenizer, calib.texts, calib.labels, int(s["max_length"]), int(s["batch_size"]))
     eval_batches = task.make_batches(bundle.tokenizer, evaluation.texts, evaluation.labels, int(s["max_length"]), int(s["batch_size"]))
     timings["data"] = time.perf_counter() - t0
-    layers = default_layers(bundle.model) if s["layers"] is None else list(
-        __import__("gfwsvd_core.layers", fromlist=["select_layers"]).select_layers(bundle.model, s["layers"]))
+    layers = default_layers(bundle.model) if s["layers"] is None else list(select_layers(bundle.model, s["layers"]))
     s["task"] = bundle.task
     return Experiment(bundle, task, calib, evaluation, calib_batches, eval_batches, s, layers, timings=timings)
 
