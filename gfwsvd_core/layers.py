@@ -120,7 +120,3 @@ def _summarise(names: Iterable[str], limit: int = 40) -> str:
     text = ", ".join(names[:limit])
     return text + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
-
-def break_even_rank(m: int, n: int) -> float:
-    """Rank at which a factorised layer (r(m+n) parameters) is as large as the dense one (mn)."""
-    return m * n / (m + n)

@@ -16,6 +16,16 @@ import torch
 Shape = tuple[int, int]
 
 
+def break_even_rank(m: int, n: int) -> float:
+    """Rank at which a factorised layer (``r(m+n)`` weights) is as large as the dense one (``mn``)."""
+    return m * n / (m + n)
+
+
+def shrinks(m: int, n: int, rank: Optional[int]) -> bool:
+    """True when rank ``rank`` stores fewer weights than the dense layer (None: dense, False)."""
+    return rank is not None and layer_params(m, n, rank) < m * n
+
+
 def check_ratio(ratio: float) -> float:
     try:
         ratio = float(ratio)
@@ -31,11 +41,11 @@ def rank_for_ratio(m: int, n: int, ratio: float, align: int = 1) -> Optional[int
     ratio = check_ratio(ratio)
     if ratio >= 1:  # keeping everything means keeping the dense layer, whatever the rounding
         return None
-    r = int(math.floor(ratio * m * n / (m + n)))
+    r = int(math.floor(ratio * break_even_rank(m, n)))
     if align > 1:
         r = max(align, (r // align) * align)
     r = max(1, min(r, min(m, n)))
-    return None if r * (m + n) >= m * n else r
+    return r if shrinks(m, n, r) else None
 
 
 def uniform_ranks(shapes: Mapping[str, Shape], ratio: float, align: int = 1) -> dict[str, Optional[int]]:
@@ -71,15 +81,15 @@ def validate_ranks(shapes: Mapping[str, Shape], ranks: Mapping[str, Optional[int
             continue
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(m, n):
             raise ValueError(f"rank for layer {name} must be an integer in 1..{min(m, n)} (or null for dense), got {r!r}")
-        out[name] = None if r * (m + n) >= m * n else r
+        out[name] = r if shrinks(m, n, r) else None
     return out
 
 
 def _options(curve: torch.Tensor, m: int, n: int) -> list[tuple[int, float, Optional[int]]]:
     """``(parameters, predicted loss, rank)`` of a layer's choices in increasing parameters:
     every rank below break-even, then dense (``mn`` parameters, no loss)."""
-    opts = [(r * (m + n), float(curve[r]), r) for r in range(1, min(m, n, len(curve) - 1) + 1)
-            if r * (m + n) < m * n]
+    opts = [(layer_params(m, n, r), float(curve[r]), r) for r in range(1, min(m, n, len(curve) - 1) + 1)
+            if shrinks(m, n, r)]
     opts.append((m * n, 0.0, None))
     return opts
 

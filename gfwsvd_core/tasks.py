@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import ConfigurationError, DataError
+
 FISHER_KINDS = ("empirical", "mc")
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -97,7 +99,11 @@ class Task(abc.ABC):
     """Base class: one subclass per task; instances are stateless."""
 
     name: str = ""
+    label: str = ""  # display name
+    description: str = ""
     default_sample_unit: str = "sequence"
+    #: what one Fisher sample may be for this task's loss (checked in ``pipeline.prepare``)
+    sample_units: tuple[str, ...] = ("token", "sequence", "batch")
     higher_is_better: dict[str, bool] = {}
     primary_metric: str = "loss"
 
@@ -150,7 +156,10 @@ class RetrievalTask(Task):
     """
 
     name = "retrieval"
+    label = "Retrieval (encoder)"
+    description = "InfoNCE between the halves of each text, in-batch negatives; bare encoders."
     default_sample_unit = "batch"
+    sample_units = ("token", "batch")  # the InfoNCE loss couples the batch: no per-sequence loss
     higher_is_better = {"loss": False, "top1": True, "mrr": True, "fidelity": True}
     primary_metric = "top1"
     temperature = 0.05
@@ -244,6 +253,8 @@ class CausalLMTask(Task):
     """Next-token prediction; per-sample loss = the sequence's summed token cross-entropy."""
 
     name = "causal-lm"
+    label = "Causal language modelling"
+    description = "Next-token cross-entropy on the text itself; decoders with an LM head."
     default_sample_unit = "sequence"
     higher_is_better = {"loss": False, "perplexity": False}
     primary_metric = "perplexity"
@@ -304,6 +315,8 @@ class ClassificationTask(Task):
     """Sequence classification with integer labels; per-sample cross-entropy."""
 
     name = "classification"
+    label = "Sequence classification"
+    description = "Cross-entropy on the labels of a sequence-classification head."
     default_sample_unit = "sequence"
     higher_is_better = {"loss": False, "accuracy": True}
     primary_metric = "accuracy"
@@ -358,21 +371,29 @@ class ClassificationTask(Task):
 
 # --------------------------------------------------------------------------- registry
 
-_REGISTRY: dict[str, type[Task]] = {
-    RetrievalTask.name: RetrievalTask,
-    CausalLMTask.name: CausalLMTask,
-    ClassificationTask.name: ClassificationTask,
-}
+_REGISTRY: dict[str, type[Task]] = {cls.name: cls for cls in (RetrievalTask, CausalLMTask, ClassificationTask)}
 TASKS = tuple(_REGISTRY)
+
+
+def available_tasks() -> list[str]:
+    """Names of the registered tasks, in display order (read by the loader, the CLI and the app)."""
+    return list(_REGISTRY)
+
+
+def task_class(name: str) -> type[Task]:
+    """The registered class of a task name."""
+    if isinstance(name, Task):
+        return type(name)
+    if name not in _REGISTRY:
+        raise ConfigurationError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+    return _REGISTRY[name]
 
 
 def get_task(name: str) -> Task:
     """A task instance by name (``TASKS``)."""
     if isinstance(name, Task):
         return name
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
-    return _REGISTRY[name]()
+    return task_class(name)()
 
 
 def make_batches(tokenizer, texts: Sequence[str], labels: Optional[Sequence] = None, max_length: int = 128,

@@ -12,6 +12,9 @@ class ASVD(Method):
 
     name = "asvd"
     label = "ASVD"
+    color = "#9467bd"
+    loss_units = False
+    explorer_default = False
     requires = ("inputs",)
     description = "Activation-aware: input channels scaled by mean |x|^alpha (no gradients)."
 

@@ -27,9 +27,15 @@ class Method:
     A method only turns statistics into weights; the one solver does the rest.
     """
 
-    name: ClassVar[str] = ""
-    label: ClassVar[str] = ""
+    name: ClassVar[str] = ""  # registry key (lower case, no separators)
+    label: ClassVar[str] = ""  # display name in the CLI, reports and the app
+    color: ClassVar[str] = "#333333"  # one colour per method in every chart
     requires: ClassVar[tuple[str, ...]] = ()  # statistics kinds (see stats.ALL_KINDS)
+    #: True when the predicted loss (half the weighted tail energy) is on the Fisher's scale, i.e.
+    #: comparable across layers and with measured loss increases; False for unit-free weightings
+    loss_units: ClassVar[bool] = False
+    #: compared by default in the explorer (all from one statistics pass)
+    explorer_default: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     def weights(self, stats: Optional[LayerStats]) -> Weights:

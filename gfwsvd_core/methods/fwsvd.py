@@ -16,6 +16,9 @@ class FWSVD(Method):
 
     name = "fwsvd"
     label = "FWSVD"
+    color = "#1f77b4"
+    loss_units = False
+    explorer_default = True
     requires = ("diagonal",)
     description = "Diagonal Fisher summed along one dimension weights the other side."
 

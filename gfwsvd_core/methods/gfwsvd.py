@@ -20,6 +20,9 @@ class GFWSVD(Method):
 
     name = "gfwsvd"
     label = "GFWSVD"
+    color = "#d62728"
+    loss_units = True
+    explorer_default = True
     requires = ("samples", "kfac")
     description = "Nearest Kronecker product of the full per-sample empirical Fisher."
 

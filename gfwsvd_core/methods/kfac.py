@@ -12,6 +12,9 @@ class KFAC(Method):
 
     name = "kfac"
     label = "K-FAC"
+    color = "#2ca02c"
+    loss_units = True
+    explorer_default = True
     requires = ("kfac",)
     description = "Token second moments of inputs and output gradients, assumed independent."
 

@@ -9,6 +9,9 @@ from .base import Method, Weights
 class SVD(Method):
     name = "svd"
     label = "SVD"
+    color = "#7f7f7f"
+    loss_units = False
+    explorer_default = True
     requires = ()
     description = "Keeps the largest singular directions of W; blind to data and loss."
 

@@ -11,6 +11,9 @@ class SVDLLM(Method):
 
     name = "svdllm"
     label = "SVD-LLM"
+    color = "#8c564b"
+    loss_units = False
+    explorer_default = False
     requires = ("inputs",)
     description = "Truncation-aware whitening by the input Gram: minimises the output error ||dW X||."
 
