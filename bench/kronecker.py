@@ -45,7 +45,7 @@ def synthetic(m: int, n: int, K: int, T: int, seed: int = 0):
 def minilm(K: int, T: int, layer: str):
     """Real MiniLM gradients on the default corpus: one sample = one retrieval batch of T tokens.
 
-    InfoNCE couples a batch, so a sample is a batch (design.md 3): 2 query/passage pairs
+    InfoNCE couples a batch, so a sample is a batch: 2 query/passage pairs
     (4 rows) of T/4 tokens each give samples of T tokens (padding included).
     """
     from gfwsvd_core import collect_statistics

@@ -1,7 +1,8 @@
 """Headless entry point: ``gfwsvd compress | evaluate | sweep`` (also ``python -m gfwsvd_core``).
 
 User errors (bad model id, unknown method, ratio outside (0, 1], unreadable data, bad ranks
-file, tampered export) print one line ``error: ...`` and exit with status 2, never a traceback.
+file, tampered export: every :class:`~gfwsvd_core.errors.GfwsvdUserError`) print one line
+``error: ...`` and exit with status 2. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .errors import GfwsvdUserError
+
 EXIT_USAGE = 2
 
 
-class UserError(Exception):
-    """An error whose message is for the user; the CLI prints it and exits 2."""
+class UserError(GfwsvdUserError):
+    """A CLI-level user error (bad flag combination, unreadable ranks file); printed, exit 2."""
 
 
 def _ratio(text: str) -> float:
@@ -71,9 +74,12 @@ def _positive(text: str) -> int:
 
 
 def _common(p: argparse.ArgumentParser, single_method: bool = True) -> None:
+    from .methods import explorer_methods, method_help
+    from .tasks import available_tasks
+
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="default", help="'default' (bundled all-MiniLM-L6-v2), an HF id or a local folder")
-    g.add_argument("--task", choices=["retrieval", "causal-lm", "classification"], help="default: from the model config")
+    g.add_argument("--task", choices=available_tasks(), help="default: from the model config")
     g.add_argument("--calib", default="default",
                    help="'default' (pydoc topics), an HF dataset name[:config], or a .txt/.jsonl/.csv file")
     g.add_argument("--text-column", help="text column of a .jsonl/.csv file or HF dataset")
@@ -91,14 +97,16 @@ def _common(p: argparse.ArgumentParser, single_method: bool = True) -> None:
     f.add_argument("--layers", nargs="+", help="layer name patterns (glob, substring or re:REGEX); default: all block linears")
     c = p.add_argument_group("compression")
     if single_method:
-        c.add_argument("--method", default="gfwsvd", help="svd, fwsvd, kfac, gfwsvd, asvd, svdllm")
+        c.add_argument("--method", default="gfwsvd", help="one of: " + method_help())
         how = c.add_mutually_exclusive_group()
         how.add_argument("--ratio", type=_ratio, help="parameters kept per layer, in (0, 1] (default 0.5)")
         how.add_argument("--ranks", type=Path, help="JSON file {layer: rank or null}")
     else:
-        c.add_argument("--methods", default="svd,fwsvd,kfac,gfwsvd", help="comma-separated methods")
+        c.add_argument("--methods", default=",".join(explorer_methods()),
+                       help="comma-separated methods (default %(default)s); available: " + method_help())
         c.add_argument("--ratios", type=_ratios, default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.8], help="comma-separated kept ratios")
     p.add_argument("--report", type=Path, help="write the JSON report here")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (default: refuse)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -148,6 +156,8 @@ def _load_ranks(path: Path) -> dict:
         ranks = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"ranks file {path} does not exist") from None
+    except OSError as exc:
+        raise UserError(f"ranks file {path} cannot be read ({exc.strerror or exc})") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"ranks file {path} is not valid JSON: expected {{\"layer name\": rank or null}}") from None
     if not isinstance(ranks, dict) or not ranks:
@@ -160,6 +170,11 @@ def _check_outputs(a) -> None:
     out = getattr(a, "out", None)
     if out is not None and out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is an existing file; give a folder")
+    if out is not None and a.command != "sweep" and out.is_dir() and any(out.iterdir()) and not a.overwrite:
+        raise UserError(f"--out {str(out)!r} is not empty; give a new folder or pass --overwrite to replace it")
+    dense = Path(str(out) + "-dense") if out is not None and getattr(a, "dense", False) else None
+    if dense is not None and dense.is_dir() and any(dense.iterdir()) and not a.overwrite:
+        raise UserError(f"the dense copy's folder {str(dense)!r} is not empty; pass --overwrite to replace it")
     report = getattr(a, "report", None)
     if report is not None and report.is_dir():
         raise UserError(f"--report {str(report)!r} is a folder; give a file name such as report.json")
@@ -202,6 +217,13 @@ def _print_metrics(rep: dict) -> None:
     dense = rep.get("dense_layers") or []
     if dense:
         print(f"  {len(dense)} layer(s) kept dense (rank at or above break-even)")
+    _print_warnings(rep)
+
+
+def _print_warnings(rep: dict) -> None:
+    """Every fallback and data warning of a report, on stderr, one line each."""
+    for w in rep.get("warnings") or []:
+        print(f"warning: {w}", file=sys.stderr)
 
 
 def cmd_compress(a) -> int:
@@ -219,9 +241,9 @@ def cmd_compress(a) -> int:
     comp, rep = pipeline.run_compression(exp, a.method, ratio=None if ranks else (a.ratio or 0.5), ranks=ranks,
                                          progress=prog)
     save_compressed(comp.model, a.out, tokenizer=exp.bundle.tokenizer, method=comp.method,
-                    source_model=str(a.model), calibration=exp.data_record())
+                    source_model=str(a.model), calibration=exp.data_record(), overwrite=a.overwrite)
     if a.dense:
-        export_dense(comp.model, Path(str(a.out) + "-dense"), tokenizer=exp.bundle.tokenizer)
+        export_dense(comp.model, Path(str(a.out) + "-dense"), tokenizer=exp.bundle.tokenizer, overwrite=a.overwrite)
     rep["export"] = str(a.out)
     if a.report:
         pipeline.write_json(rep, a.report)
@@ -267,7 +289,7 @@ def cmd_evaluate(a) -> int:
             print(line)
         if a.out:
             save_compressed(comp.model, a.out, tokenizer=exp.bundle.tokenizer, method=comp.method,
-                            source_model=str(a.model), calibration=exp.data_record())
+                            source_model=str(a.model), calibration=exp.data_record(), overwrite=a.overwrite)
     if a.report:
         pipeline.write_json(rep, a.report)
     return 0
@@ -306,19 +328,19 @@ def _check_same_model(original, compressed, a) -> None:
 def _export_summary(folder, original, compressed) -> dict:
     """Method, ranks and kept ratios of a loaded export, in the report's format."""
     from .factorized import LowRankLinear
+    from .ranks import kept_params, layer_params
 
     try:
         block = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("gfwsvd", {})
     except (OSError, ValueError):
         block = {}
     low = {n: m for n, m in compressed.named_modules() if isinstance(m, LowRankLinear)}
-    before = sum(m.in_features * m.out_features for m in low.values())
-    after = sum(m.rank * (m.in_features + m.out_features) for m in low.values())
+    shapes = {n: (m.out_features, m.in_features) for n, m in low.items()}
+    after, before = kept_params(shapes, {n: m.rank for n, m in low.items()})
     total_before = sum(p.numel() for p in original.parameters())
     total_after = sum(p.numel() for p in compressed.parameters())
-    layers = [{"layer": n, "shape": [m.out_features, m.in_features], "rank": m.rank,
-               "params_before": m.in_features * m.out_features,
-               "params_after": m.rank * (m.in_features + m.out_features)} for n, m in low.items()]
+    layers = [{"layer": n, "shape": list(shapes[n]), "rank": m.rank, "params_before": layer_params(*shapes[n], None),
+               "params_after": layer_params(*shapes[n], m.rank)} for n, m in low.items()]
     return {
         "method": block.get("method", ""),
         "kept_ratio": {"layers": after / before if before else 1.0,
@@ -344,6 +366,7 @@ def cmd_sweep(a) -> int:
     prog = _progress(a.quiet)
     pipeline.collect(exp, methods=methods, progress=prog)
     rep = pipeline.run_sweep(exp, methods, a.ratios, progress=prog)
+    _print_warnings(rep)
     keys = list(rep["rows"][0]["metrics"])
     print(f"{'method':<8} {'ratio':>6} {'kept':>6} " + " ".join(f"{k:>10}" for k in keys))
     for row in rep["rows"]:
@@ -359,14 +382,13 @@ def cmd_sweep(a) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    from .io import CompressedFormatError
     from .stats import Cancelled
 
     _silence_transformers()
     try:
         _check_outputs(a)
         return {"compress": cmd_compress, "evaluate": cmd_evaluate, "sweep": cmd_sweep}[a.command](a)
-    except (UserError, ValueError, CompressedFormatError, OSError) as exc:
+    except GfwsvdUserError as exc:
         msg = " ".join(str(exc).split()) or type(exc).__name__
         print(f"error: {msg}", file=sys.stderr)
         return EXIT_USAGE

@@ -3,7 +3,7 @@
 Everything returns a :class:`TextSource`: the texts, optional labels, and a JSON-ready
 ``description`` (what was loaded and a sha256 of the content) so that a report can say exactly
 which data produced its numbers. :func:`split_texts` makes the disjoint, seeded calibration and
-evaluation subsets (design.md section 3: calibration and evaluation data never overlap).
+evaluation subsets (calibration and evaluation data never overlap, so held-out metrics are honest).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
+
+from .errors import DataError
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".csv")
 # Suffixes that mark a source as a file (not a dataset name) even though we cannot read it.
@@ -167,7 +169,7 @@ def default_passages(min_words: int = 40, max_words: int = 120) -> list[str]:
     defaults this gives ~1000 passages (~52k distinct words at 40+ words each). Deterministic.
     """
     if not isinstance(min_words, int) or not isinstance(max_words, int) or min_words < 2 or max_words < min_words:
-        raise ValueError(
+        raise DataError(
             f"need integers 2 <= min_words <= max_words, got min_words={min_words!r}, max_words={max_words!r}; "
             "pick word bounds such as 40 and 120"
         )
@@ -179,15 +181,18 @@ def default_passages(min_words: int = 40, max_words: int = 120) -> list[str]:
 
 
 def _read_text_file(path: Path) -> str:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"file '{path}' cannot be read ({exc.strerror or exc}); check its permissions") from None
     if not data.strip():
-        raise ValueError(f"file '{path}' is empty; give a file with at least one text")
+        raise DataError(f"file '{path}' is empty; give a file with at least one text")
     if b"\x00" in data:
-        raise ValueError(f"file '{path}' looks binary (it contains NUL bytes); give a UTF-8 text file")
+        raise DataError(f"file '{path}' looks binary (it contains NUL bytes); give a UTF-8 text file")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ValueError(
+        raise DataError(
             f"file '{path}' is not valid UTF-8 (bad byte at offset {exc.start}); re-save it as UTF-8 text"
         ) from None
 
@@ -209,9 +214,9 @@ def _jsonl_rows(content: str, path: Path) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"file '{path}' line {i} is not valid JSON ({exc.msg}); write one JSON object per line") from None
+            raise DataError(f"file '{path}' line {i} is not valid JSON ({exc.msg}); write one JSON object per line") from None
         if not isinstance(row, dict):
-            raise ValueError(f"file '{path}' line {i} is a JSON {type(row).__name__}, not an object; write one JSON object per line")
+            raise DataError(f"file '{path}' line {i} is a JSON {type(row).__name__}, not an object; write one JSON object per line")
         rows.append(row)
     return rows
 
@@ -222,7 +227,7 @@ def _csv_rows(content: str, path: Path) -> tuple[list[dict], list[str]]:
         columns = list(reader.fieldnames or [])
         rows = list(reader)
     except csv.Error as exc:
-        raise ValueError(f"file '{path}' is not a readable CSV file ({exc}); check its quoting") from None
+        raise DataError(f"file '{path}' is not a readable CSV file ({exc}); check its quoting") from None
     return rows, columns
 
 
@@ -235,7 +240,7 @@ def _pick_text_column(columns: list[str], sample: dict, text_column: Optional[st
     """The explicit column, else "text", else "sentence", else (``any_string``) the first string column."""
     if text_column is not None:
         if text_column not in columns:
-            raise ValueError(f"{where} has no column {text_column!r}; available columns: {_available(columns)}")
+            raise DataError(f"{where} has no column {text_column!r}; available columns: {_available(columns)}")
         return text_column
     for name in TEXT_COLUMNS:
         if name in columns:
@@ -244,7 +249,7 @@ def _pick_text_column(columns: list[str], sample: dict, text_column: Optional[st
         for name in columns:
             if isinstance(sample.get(name), str):
                 return name
-    raise ValueError(
+    raise DataError(
         f"{where} has no 'text' or 'sentence' column; pass text_column=, available columns: {_available(columns)}"
     )
 
@@ -253,7 +258,7 @@ def _pick_label_column(columns: list[str], label_column: Optional[str], text_col
     """The explicit label column (must exist), else "label" when present, else None."""
     if label_column is not None:
         if label_column not in columns:
-            raise ValueError(f"{where} has no label column {label_column!r}; available columns: {_available(columns)}")
+            raise DataError(f"{where} has no label column {label_column!r}; available columns: {_available(columns)}")
         return label_column
     return LABEL_COLUMN if LABEL_COLUMN in columns and text_column != LABEL_COLUMN else None
 
@@ -270,7 +275,7 @@ def _normalise_labels(labels: list) -> Optional[list]:
 def _rows_to_source(rows: list[dict], columns: list[str], text_column: Optional[str], label_column: Optional[str],
                     where: str, any_string: bool) -> tuple[list[str], Optional[list], str, Optional[str], int]:
     if not rows:
-        raise ValueError(f"{where} has no rows; give data with at least one text")
+        raise DataError(f"{where} has no rows; give data with at least one text")
     column = _pick_text_column(columns, rows[0], text_column, where, any_string)
     label_name = _pick_label_column(columns, label_column, column, where)
     has_labels = label_name is not None
@@ -281,16 +286,16 @@ def _rows_to_source(rows: list[dict], columns: list[str], text_column: Optional[
             skipped += 1  # empty texts (e.g. wikitext's blank lines) carry no signal
             continue
         if not isinstance(value, str):
-            raise ValueError(
+            raise DataError(
                 f"{where} row {i + 1}: column {column!r} holds a {type(value).__name__}, not text; pick a text column with text_column="
             )
         texts.append(value)
         if has_labels:
             labels.append(row.get(label_name))
     if not texts:
-        raise ValueError(f"{where}: column {column!r} has only empty values; pick another column with text_column=")
+        raise DataError(f"{where}: column {column!r} has only empty values; pick another column with text_column=")
     if has_labels and any(lab is None or (isinstance(lab, str) and not lab.strip()) for lab in labels):
-        raise ValueError(f"{where}: some rows have no {label_name!r} value; give every row a label or drop the column")
+        raise DataError(f"{where}: some rows have no {label_name!r} value; give every row a label or drop the column")
     labels = _normalise_labels(labels) if has_labels else None
     return texts, labels, column, (label_name if labels is not None else None), skipped
 
@@ -298,19 +303,19 @@ def _rows_to_source(rows: list[dict], columns: list[str], text_column: Optional[
 def _load_file(path: Path, text_column: Optional[str], label_column: Optional[str]) -> TextSource:
     suffix = path.suffix.lower()
     if not path.exists():
-        raise ValueError(f"file '{path}' does not exist; check the path")
+        raise DataError(f"file '{path}' does not exist; check the path")
     if path.is_dir():
-        raise ValueError(f"'{path}' is a folder; give a .txt, .jsonl or .csv file")
+        raise DataError(f"'{path}' is a folder; give a .txt, .jsonl or .csv file")
     content = _read_text_file(path)
     labels = None
     column = label_name = None
     skipped = 0
     if suffix == ".txt":
         if text_column is not None or label_column is not None:
-            raise ValueError("a .txt file has no columns; leave text_column/label_column unset or use a .jsonl/.csv file")
+            raise DataError("a .txt file has no columns; leave text_column/label_column unset or use a .jsonl/.csv file")
         texts = _txt_texts(content)
         if not texts:
-            raise ValueError(f"file '{path}' is empty; give a file with at least one text")
+            raise DataError(f"file '{path}' is empty; give a file with at least one text")
     elif suffix == ".jsonl":
         rows = _jsonl_rows(content, path)
         columns = list(dict.fromkeys(k for row in rows[:100] for k in row))
@@ -368,21 +373,21 @@ def _load_hf(source: str, text_column: Optional[str], label_column: Optional[str
     name, _, config = source.partition(":")
     config = config or None
     if not name:
-        raise ValueError(f"bad dataset name {source!r}; write 'name' or 'name:config'")
+        raise DataError(f"bad dataset name {source!r}; write 'name' or 'name:config'")
     label = f"dataset '{source}' (split '{split}')"
     try:
         with _offline_if_requested():
             ds = datasets.load_dataset(name, config, split=split)
     except (OSError, DatasetsError):
-        raise ValueError(
+        raise DataError(
             f"dataset '{source}' is not available offline (or does not exist); "
             "save the texts as a local .txt, .jsonl or .csv file and pass its path"
         ) from None
     except ValueError as exc:  # unknown config or split: datasets lists the valid ones
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"could not load {label}: {first}; check the config and split names") from None
+        raise DataError(f"could not load {label}: {first}; check the config and split names") from None
     if not isinstance(ds, datasets.Dataset):
-        raise ValueError(f"{label} did not load as one table; name a single split, e.g. split='train'")
+        raise DataError(f"{label} did not load as one table; name a single split, e.g. split='train'")
     columns = list(ds.column_names)
     rows = ds.to_list() if len(ds) else []
     texts, labels, column, label_name, skipped = _rows_to_source(
@@ -427,11 +432,11 @@ def load_texts(source: str = "default", text_column: Optional[str] = None, split
     Empty texts are skipped (counted in ``description["skipped_empty"]``).
     """
     if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
-        raise ValueError("source must be 'default', a .txt/.jsonl/.csv path or a dataset name; got an empty value")
+        raise DataError("source must be 'default', a .txt/.jsonl/.csv path or a dataset name; got an empty value")
     source_str = os.fspath(source).strip()
     if source_str == "default":
         if text_column is not None or label_column is not None:
-            raise ValueError("the default corpus has no columns; leave text_column and label_column unset")
+            raise DataError("the default corpus has no columns; leave text_column and label_column unset")
         texts = default_passages()
         src = TextSource(texts, None, {"kind": "default", "name": "pydoc_data.topics", "min_words": 40, "max_words": 120})
         return _finish(src)
@@ -440,9 +445,9 @@ def load_texts(source: str = "default", text_column: Optional[str] = None, split
     if suffix in FILE_SUFFIXES:
         return _finish(_load_file(path, text_column, label_column))
     if path.is_dir():
-        raise ValueError(f"'{source_str}' is a folder; give a .txt, .jsonl or .csv file, or a dataset name")
+        raise DataError(f"'{source_str}' is a folder; give a .txt, .jsonl or .csv file, or a dataset name")
     if path.is_file() or suffix in _OTHER_FILE_SUFFIXES:
-        raise ValueError(
+        raise DataError(
             f"unsupported file type {suffix or '(no extension)'!r} for '{source_str}'; convert it to .txt, .jsonl or .csv"
         )
     return _finish(_load_hf(source_str, text_column, label_column, split))
@@ -458,10 +463,10 @@ def split_texts(source: TextSource, num_calib: int, num_eval: int, seed: int = 0
     """
     for name, value, least in (("num_calib", num_calib, 1), ("num_eval", num_eval, 2)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+            raise DataError(f"{name} must be an integer >= {least}, got {value!r}")
     n = len(source.texts)
     if n < 3:
-        raise ValueError(
+        raise DataError(
             f"only {n} texts: need at least 1 for calibration and 2 for evaluation; give more data"
         )
     calib_n = min(int(num_calib), n - 2)

@@ -1,9 +1,9 @@
-"""Saving and loading compressed models (design.md section 6).
+"""Saving and loading compressed models as Hugging Face folders.
 
 A compressed model is written as a normal Hugging Face folder: ``config.json``,
 ``model.safetensors`` (each factorised layer holds ``<layer>.down.weight`` r x n and
-``<layer>.up.weight`` m x r, plus ``<layer>.up.bias``) and the tokenizer files, with a namespaced
-block in ``config.json``::
+``<layer>.up.weight`` m x r, plus ``<layer>.up.bias``), ``README.md`` and the tokenizer and
+generation files, with a namespaced block in ``config.json``::
 
     "gfwsvd": {"format_version": 1, "method": ..., "ranks": {layer: r}, "dense_types": {layer: ...},
                "bias": {layer: bool}, "source_model": ..., "calibration": ..., "model_class": ...,
@@ -12,19 +12,24 @@ block in ``config.json``::
 Plain ``from_pretrained`` on such a folder silently builds a wrong dense model, so
 :func:`load_compressed` is the documented path; :func:`export_dense` writes a folder with the
 factors multiplied back for other tools. Nothing is pickled: tensors go through safetensors and
-metadata through JSON.
+metadata through JSON, and no custom (remote) model or tokenizer code is ever run. Folders are
+written into a temporary sibling and moved into place, so a failed save never leaves a mix.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
+from .errors import GfwsvdUserError, OutputPathError
 from .factorized import LowRankLinear, replace_layer, to_dense
 from .layers import is_linear_like, weight_shape
 
@@ -45,7 +50,7 @@ _RESERVED = (
 PathLike = Union[str, Path]
 
 
-class CompressedFormatError(ValueError):
+class CompressedFormatError(GfwsvdUserError):
     """A folder that is not a valid gfwsvd export (missing, foreign, corrupt or tampered)."""
 
 
@@ -176,6 +181,70 @@ def _json_safe(value: Any, label: str) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
+# output folders
+
+OUTPUT_ROOT_ENV = "GFWSVD_OUTPUT_ROOT"
+
+
+def output_root() -> Path:
+    """Where the app may write folders: ``$GFWSVD_OUTPUT_ROOT``, else ``./gfwsvd-out`` (absolute)."""
+    return Path(os.environ.get(OUTPUT_ROOT_ENV) or "gfwsvd-out").expanduser().resolve()
+
+
+def resolve_output_folder(path: PathLike, root: Optional[PathLike] = None) -> Path:
+    """``path`` inside the output root (relative paths are taken in it), or :class:`OutputPathError`.
+
+    Symlinks and ``..`` are resolved first, so nothing can step outside the root."""
+    text = str(path).strip()
+    if not text:
+        raise OutputPathError("give a folder name to save to")
+    base = Path(root).expanduser().resolve() if root is not None else output_root()
+    target = Path(text).expanduser()
+    target = (target if target.is_absolute() else base / target).resolve()
+    if target == base or base not in target.parents:
+        raise OutputPathError(
+            f"{text!r} is outside the output root {str(base)!r} (or is the root itself); give a folder inside it, "
+            f"or set {OUTPUT_ROOT_ENV} to allow another place"
+        )
+    return target
+
+
+def _check_target(folder: Path, overwrite: bool) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError(f"{str(folder)!r} is a file; give a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise OutputPathError(f"folder {str(folder)!r} is not empty; give a new folder or pass overwrite=True")
+
+
+def _write_folder(folder: Path, overwrite: bool, write) -> Path:
+    """Run ``write(tmp)`` into a temporary sibling, then move it into place: a failure leaves the
+    old folder untouched, and an overwritten folder keeps no stale files."""
+    _check_target(folder, overwrite)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputPathError(f"cannot create {str(folder.parent)!r}: {exc.strerror or exc}") from None
+    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    old = None
+    try:
+        tmp.mkdir()
+        write(tmp)
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+            folder.rename(old)
+        tmp.rename(folder)
+    except OSError as exc:
+        if old is not None and not folder.exists():
+            old.rename(folder)  # put the previous folder back
+        raise OutputPathError(f"cannot write {str(folder)!r}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
 # save
 
 
@@ -187,11 +256,14 @@ def save_compressed(
     source_model: str = "",
     calibration: Any = None,
     extra: Optional[Mapping[str, Any]] = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model`` (with its :class:`LowRankLinear` layers) as a gfwsvd Hugging Face folder.
 
     Returns the folder. Tied tensors are written once and re-tied on load. Load it back with
-    :func:`load_compressed`; plain ``from_pretrained`` would build a wrong dense model.
+    :func:`load_compressed`; plain ``from_pretrained`` would build a wrong dense model. A
+    non-empty ``folder`` is refused unless ``overwrite``, which replaces it whole (nothing stale
+    stays); the files are written to a temporary sibling first.
     """
     from safetensors.torch import save_file
 
@@ -238,17 +310,18 @@ def save_compressed(
     cfg[BLOCK] = block
     cfg["architectures"] = [model_class]
 
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "gfwsvd_format_version": str(FORMAT_VERSION)})
-    generation = getattr(model, "generation_config", None)
-    can_generate = getattr(model, "can_generate", None)
-    if generation is not None and callable(can_generate) and can_generate():
-        generation.save_pretrained(str(folder))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))
-    (folder / README_FILE).write_text(_readme(folder, block), encoding="utf-8")
-    return folder
+    def write(tmp: Path) -> None:
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "gfwsvd_format_version": str(FORMAT_VERSION)})
+        generation = getattr(model, "generation_config", None)
+        can_generate = getattr(model, "can_generate", None)
+        if generation is not None and callable(can_generate) and can_generate():
+            generation.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        (tmp / README_FILE).write_text(_readme(folder, block), encoding="utf-8")
+
+    return _write_folder(folder, overwrite, write)
 
 
 def _readme(folder: Path, block: Mapping[str, Any]) -> str:
@@ -310,6 +383,29 @@ def _read_block(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return cfg, block
 
 
+_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _read_header(folder: Path) -> dict[str, tuple[tuple[int, ...], Optional[torch.dtype]]]:
+    """``{key: (shape, dtype)}`` from the safetensors header alone (no tensor data is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        raise CompressedFormatError(f"folder {str(folder)!r} has no {WEIGHTS_FILE}.")
+    try:
+        out = {}
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                out[key] = (tuple(int(d) for d in sl.get_shape()), _DTYPES.get(str(sl.get_dtype())))
+        return out
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CompressedFormatError(f"{path} is truncated or corrupt and cannot be read ({exc}).") from exc
+
+
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -326,26 +422,31 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def load_compressed(folder: PathLike, device=None, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Load a folder written by :func:`save_compressed`, with strict checks; eval mode.
 
-    The model is rebuilt from ``config.json`` (no download), each layer in ``ranks`` is replaced
-    by an empty :class:`LowRankLinear`, and the tensors must match exactly: nothing missing but
-    the recorded tied keys, nothing unexpected, every shape equal. Every failure is a
+    Everything is validated before any tensor is allocated: the model is rebuilt from
+    ``config.json`` on the meta device (no download, no storage), each layer in ``ranks`` (an
+    integer in ``1..min(m, n)``) becomes an empty :class:`LowRankLinear`, and the safetensors
+    header must match exactly: nothing missing but the recorded tied keys, nothing unexpected,
+    every shape equal, one floating dtype throughout. Only then are the tensors read and assigned;
+    non-persistent buffers are re-created as a normal construction makes them. Every failure is a
     :class:`CompressedFormatError`.
     """
     folder = Path(folder)
     cfg, block = _read_block(folder)
-    tensors = _read_tensors(folder)
+    header = _read_header(folder)
     ranks: dict[str, int] = block["ranks"]
     tied: dict[str, str] = block.get("tied", {})
 
     try:
-        model = _skeleton(cfg, block["model_class"])
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        model = _skeleton(cfg, block["model_class"], device="meta")
+    except (ValueError, TypeError, KeyError, AttributeError, ImportError) as exc:
         raise CompressedFormatError(f"cannot rebuild the model of {str(folder)!r} from its config: {exc}.") from exc
+    except Exception as exc:  # config validation errors of other libraries (e.g. huggingface_hub)
+        raise CompressedFormatError(f"the config of {str(folder)!r} is invalid: {exc}.") from exc
     arch_ids = _tensor_identities(model)
     for dropped, kept in tied.items():
         if not isinstance(dropped, str) or not isinstance(kept, str):
             raise CompressedFormatError(f"{CONFIG_FILE} has a malformed tied entry {dropped!r}: {kept!r}.")
-        if dropped in tensors:
+        if dropped in header:
             raise CompressedFormatError(
                 f"{CONFIG_FILE} records {dropped!r} as a tied copy of {kept!r}, but {WEIGHTS_FILE} holds it too."
             )
@@ -358,10 +459,10 @@ def load_compressed(folder: PathLike, device=None, dtype: Optional[torch.dtype] 
     for name in block.get("absent_modules", []):
         try:
             replace_layer(model, name, None)
-        except KeyError as exc:
+        except (KeyError, AttributeError) as exc:
             raise CompressedFormatError(f"{CONFIG_FILE} lists absent module {name!r}, which the model does not have.") from exc
 
-    # factorised layers: check ranks against the tensors, then swap in empty LowRankLinear
+    # factorised layers: check ranks against the shapes, then swap in empty (meta) LowRankLinear
     for name, rank in ranks.items():
         try:
             dense = model.get_submodule(name)
@@ -370,21 +471,26 @@ def load_compressed(folder: PathLike, device=None, dtype: Optional[torch.dtype] 
         if not is_linear_like(dense):
             raise CompressedFormatError(f"{CONFIG_FILE} lists layer {name!r}, which is a {type(dense).__name__}, not a linear layer.")
         m, n = weight_shape(dense)
+        if rank > min(m, n):
+            raise CompressedFormatError(
+                f"{CONFIG_FILE} gives layer {name!r} ({m} x {n}) rank {rank}; a rank must be at most {min(m, n)}."
+            )
         dense_type = block["dense_types"].get(name, "linear")
         if dense_type not in ("linear", "conv1d"):
             raise CompressedFormatError(f"{CONFIG_FILE} gives layer {name!r} the unknown dense type {dense_type!r}.")
-        down = tensors.get(f"{name}.down.weight")
-        if down is not None and down.dim() == 2 and down.shape[0] != rank:
+        down = header.get(f"{name}.down.weight")
+        if down is not None and len(down[0]) == 2 and down[0][0] != rank:
             raise CompressedFormatError(
-                f"{CONFIG_FILE} says layer {name!r} has rank {rank}, but its tensors have rank {down.shape[0]}."
+                f"{CONFIG_FILE} says layer {name!r} has rank {rank}, but its tensors have rank {down[0][0]}."
             )
         bias = bool(block["bias"].get(name, True))
-        replace_layer(model, name, LowRankLinear(n, m, rank, bias=bias, dense_type=dense_type))
+        with torch.device("meta"):
+            replace_layer(model, name, LowRankLinear(n, m, rank, bias=bias, dense_type=dense_type))
 
     expected = model.state_dict()
-    missing = [k for k in expected if k not in tensors and k not in tied]
-    unexpected = [k for k in tensors if k not in expected]
-    bad_tied = [k for k in tied if k not in expected or tied[k] not in tensors]
+    missing = [k for k in expected if k not in header and k not in tied]
+    unexpected = [k for k in header if k not in expected]
+    bad_tied = [k for k in tied if k not in expected or tied[k] not in header]
     unlisted = [
         k[: -len(".down.weight")] for k in unexpected
         if k.endswith(".down.weight") and f"{k[: -len('.down.weight')]}.weight" in missing
@@ -400,25 +506,81 @@ def load_compressed(folder: PathLike, device=None, dtype: Optional[torch.dtype] 
     if bad_tied:
         raise CompressedFormatError(f"{CONFIG_FILE} records " + _fail_keys("tied tensors that do not resolve", bad_tied) + ".")
     wrong = [
-        f"{k} {tuple(tensors[k].shape)} instead of {tuple(expected[k].shape)}"
-        for k in tensors
-        if tuple(tensors[k].shape) != tuple(expected[k].shape)
+        f"{k} {header[k][0]} instead of {tuple(expected[k].shape)}"
+        for k in header if header[k][0] != tuple(expected[k].shape)
     ]
     if wrong:
         raise CompressedFormatError(f"{WEIGHTS_FILE} in {str(folder)!r} has " + _fail_keys("tensors of the wrong shape", wrong) + ".")
+    _check_dtypes(folder, header, expected)
 
-    # assign=True keeps each saved tensor's dtype (no silent up/down-casting)
+    tensors = _read_tensors(folder)  # validated: the only real allocation
     model.load_state_dict(tensors, strict=False, assign=True)
     _retie(model, tied)
+    _restore_buffers(model, cfg, block, folder)
     if (folder / "generation_config.json").is_file() and hasattr(model, "generation_config"):
         from transformers import GenerationConfig
 
-        model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise CompressedFormatError(f"generation_config.json in {str(folder)!r} is invalid ({exc}).") from None
     if dtype is not None:
         model.to(dtype=dtype)
     if device is not None:
         model.to(device=device)
     return model.eval()
+
+
+def _check_dtypes(folder: Path, header: Mapping[str, tuple], expected: Mapping[str, torch.Tensor]) -> None:
+    """One floating dtype for every floating tensor, and exactly the expected dtype for the others."""
+    floats = {}
+    for key, (_, dt) in header.items():
+        want = expected[key].dtype
+        if dt is None:
+            raise CompressedFormatError(f"{WEIGHTS_FILE} in {str(folder)!r} stores {key!r} in an unsupported dtype.")
+        if want.is_floating_point:
+            if not dt.is_floating_point:
+                raise CompressedFormatError(
+                    f"{WEIGHTS_FILE} in {str(folder)!r} stores {key!r} as {dt}, but the model needs a floating dtype."
+                )
+            floats.setdefault(dt, key)
+        elif dt != want:
+            raise CompressedFormatError(f"{WEIGHTS_FILE} in {str(folder)!r} stores {key!r} as {dt}, expected {want}.")
+    if len(floats) > 1:
+        shown = ", ".join(f"{dt} (e.g. {key!r})" for dt, key in floats.items())
+        raise CompressedFormatError(f"{WEIGHTS_FILE} in {str(folder)!r} mixes floating dtypes: {shown}.")
+
+
+def _restore_buffers(model: nn.Module, cfg: Mapping[str, Any], block: Mapping[str, Any], folder: Path) -> None:
+    """Give the non-persistent buffers (position ids, rotary frequencies, masks), which the state
+    dict does not hold, the values a normal construction gives them."""
+    owners = [(name, mod) for name, mod in model.named_modules()
+              if any(b is not None and b.is_meta for b in mod._buffers.values())]
+    if not owners:
+        return
+    reference = None
+    for name, mod in owners:
+        fresh = None
+        config = getattr(model, "config", None)
+        try:  # most transformers submodules are built from the config alone: cheap
+            with torch.device("cpu"):
+                fresh = type(mod)(config) if config is not None else None
+        except Exception:  # noqa: BLE001 - other signatures: use a full reference build below
+            fresh = None
+        for key, buf in list(mod._buffers.items()):
+            if buf is None or not buf.is_meta:
+                continue
+            value = getattr(fresh, key, None) if fresh is not None else None
+            if not isinstance(value, torch.Tensor) or value.shape != buf.shape or value.is_meta:
+                if reference is None:
+                    reference = _skeleton(cfg, block["model_class"])  # the folder is valid: safe to build
+                value = reference.get_submodule(name)._buffers.get(key) if name else reference._buffers.get(key)
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(buf.shape):
+                raise CompressedFormatError(f"cannot re-create buffer {name}.{key} of {str(folder)!r}.")
+            mod._buffers[key] = value.to(buf.dtype) if value.dtype != buf.dtype else value
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CompressedFormatError(f"{str(folder)!r} left " + _fail_keys("tensors without values", left) + ".")
 
 
 def load_tokenizer(folder: PathLike):
@@ -428,7 +590,7 @@ def load_tokenizer(folder: PathLike):
     folder = Path(folder)
     if not folder.is_dir() or not any((folder / f).is_file() for f in TOKENIZER_FILES):
         return None
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,13 +608,15 @@ def _head_untied(model: nn.Module) -> bool:
     return head.weight is not emb.weight
 
 
-def export_dense(model: nn.Module, folder: PathLike, tokenizer=None) -> Path:
+def export_dense(model: nn.Module, folder: PathLike, tokenizer=None, overwrite: bool = False) -> Path:
     """Write a plain Hugging Face folder with every factorised layer multiplied back.
 
     Any ``AutoModel*.from_pretrained(folder)`` loads it; outputs equal the factorised model's up
-    to float rounding. The gfwsvd block is not written (this is an ordinary dense model).
+    to float rounding. The gfwsvd block is not written (this is an ordinary dense model). A
+    non-empty ``folder`` is refused unless ``overwrite`` (see :func:`save_compressed`).
     """
     folder = Path(folder)
+    _check_target(folder, overwrite)
     dense = copy.deepcopy(model)
     for name, module in _low_rank_layers(dense).items():
         replace_layer(dense, name, to_dense(module))
@@ -463,14 +627,15 @@ def export_dense(model: nn.Module, folder: PathLike, tokenizer=None) -> Path:
         # the head was factorised, so it no longer shares the embedding: say so, or from_pretrained
         # would tie the multiplied-back head to the embedding again
         config.tie_word_embeddings = False
-    folder.mkdir(parents=True, exist_ok=True)
-    dense.save_pretrained(str(folder))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))
-    return folder
+    def write(tmp: Path) -> None:
+        dense.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+    return _write_folder(folder, overwrite, write)
 
 
 __all__ = [
     "FORMAT_VERSION", "CompressedFormatError", "save_compressed", "load_compressed", "load_tokenizer",
-    "export_dense",
+    "export_dense", "output_root", "resolve_output_folder",
 ]

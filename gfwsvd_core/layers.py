@@ -14,6 +14,8 @@ from typing import Callable, Iterable, Sequence, Union
 import torch
 from torch import nn
 
+from .errors import ConfigurationError
+
 try:  # transformers is a runtime dependency, but keep this module importable without it
     from transformers.pytorch_utils import Conv1D
 except Exception:  # pragma: no cover - only without transformers
@@ -97,21 +99,21 @@ def select_layers(model: nn.Module, layers: LayerFilter = None, include_heads: b
     else:
         patterns = [layers] if isinstance(layers, str) else list(layers)
         if not patterns:
-            raise ValueError("empty layer selection: give at least one pattern or None for all layers")
+            raise ConfigurationError("empty layer selection: give at least one pattern or None for all layers")
         selected = {}
         for p in patterns:
             if not isinstance(p, str):
-                raise ValueError(f"layer patterns must be strings, got {type(p).__name__}")
+                raise ConfigurationError(f"layer patterns must be strings, got {type(p).__name__}")
             hit = {n: m for n, m in candidates.items() if _matches(p, n)}
             if not hit:
-                raise ValueError(
+                raise ConfigurationError(
                     f"layer pattern {p!r} matches no linear layer; layers that exist: "
                     + _summarise(list(candidates))
                 )
             selected.update(hit)
         selected = {n: selected[n] for n in candidates if n in selected}  # model order
     if not selected:
-        raise ValueError("no linear layer selected; layers that exist: " + _summarise(list(candidates)))
+        raise ConfigurationError("no linear layer selected; layers that exist: " + _summarise(list(candidates)))
     return selected
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -19,9 +20,11 @@ from .compress import Compression, LayerDecomposition, compress, decompose_layer
 from .data import TextSource, load_texts, split_texts
 from .evaluate import layer_report, sweep
 from .layers import select_layers
+from .errors import ConfigurationError, DataError, OutputPathError
+from .meter import StageRecord, lifetime_peak_mb, measure
 from .methods import get_method
 from .models import ModelBundle, default_layers, load_model
-from .stats import LayerStats, collect_statistics, estimate_memory
+from .stats import LayerStats, collect_statistics, estimate_memory, has_kinds
 
 DEFAULTS = {
     "model": "default", "task": None, "calib": "default", "text_column": None, "split": "train",
@@ -43,8 +46,11 @@ class Experiment:
     settings: dict
     layers: list[str]
     stats: Optional[dict[str, LayerStats]] = None
+    #: ``{method_key(method): {layer: decomposition}}``; a default-configured method's key is its name
     decompositions: dict[str, dict[str, LayerDecomposition]] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds of the latest run of each stage
+    stages: dict[str, dict] = field(default_factory=dict)  # time and peak memory of the latest run of each stage
+    warnings: list[str] = field(default_factory=list)  # data-level warnings (skipped texts, small splits)
     _reference: Any = None
     _baseline: Optional[dict] = None
     _time_estimate: Optional[dict] = None
@@ -107,11 +113,26 @@ class Experiment:
         return {"calibration": self.calib.description, "evaluation": self.evaluation.description,
                 "fisher": self.settings["fisher"], "sample_unit": self.sample_unit,
                 "max_length": self.settings["max_length"], "batch_size": self.settings["batch_size"],
-                "seed": self.settings["seed"]}
+                "seed": self.settings["seed"], "skipped_texts": self.calib.description.get("skipped_texts", 0)}
 
 
-def _timed(exp: Experiment, stage: str, t0: float) -> None:
-    exp.timings[stage] = exp.timings.get(stage, 0.0) + time.perf_counter() - t0
+def _record(exp: Experiment, stage: str, rec: StageRecord, run: Optional[dict] = None) -> None:
+    """Keep a stage's time and peak memory on the experiment (latest run) and in ``run``."""
+    exp.timings[stage] = rec.seconds
+    exp.stages[stage] = rec.as_dict()
+    if run is not None:
+        run[stage] = rec.as_dict()
+
+
+def method_key(method: Any) -> str:
+    """Cache key of a configured method: its name when every option is the default, else the name
+    with the options that differ, e.g. ``gfwsvd[damping=0.5]``; reports never mix configurations."""
+    m = get_method(method)
+    default = type(m)().config()
+    changed = {k: v for k, v in m.config().items() if default.get(k) != v}
+    if not changed:
+        return m.name
+    return m.name + "[" + ",".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in sorted(changed.items())) + "]"
 
 
 def prepare(bundle: Optional[ModelBundle] = None, **options) -> Experiment:
@@ -121,32 +142,71 @@ def prepare(bundle: Optional[ModelBundle] = None, **options) -> Experiment:
     """
     unknown = set(options) - set(DEFAULTS)
     if unknown:
-        raise ValueError(f"unknown options {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
+        raise ConfigurationError(f"unknown options {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
     s = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
     for key in ("samples", "eval_samples", "max_length", "batch_size"):
         if int(s[key]) < 1:
-            raise ValueError(f"{key} must be at least 1, got {s[key]}")
+            raise ConfigurationError(f"{key} must be at least 1, got {s[key]}")
     if int(s["max_length"]) < 4:
-        raise ValueError("max_length must be at least 4 tokens")
+        raise ConfigurationError("max_length must be at least 4 tokens")
     if s["fisher"] not in ("empirical", "mc"):
-        raise ValueError(f"unknown fisher {s['fisher']!r}; valid: empirical, mc")
+        raise ConfigurationError(f"unknown fisher {s['fisher']!r}; valid: empirical, mc")
+    from .stats import SAMPLE_UNITS
     from .tasks import get_task
 
+    if s["sample_unit"] is not None and s["sample_unit"] not in SAMPLE_UNITS:
+        raise ConfigurationError(f"unknown sample_unit {s['sample_unit']!r}; valid: {', '.join(SAMPLE_UNITS)}")
     timings = {}
     t0 = time.perf_counter()
     if bundle is None:
         bundle = load_model(s["model"], task=s["task"], device=s["device"])
+    elif any(p.is_meta for p in bundle.model.parameters()):
+        raise ConfigurationError("the model is on the meta device (no weights); load it with real weights first")
     timings["load_model"] = time.perf_counter() - t0
     task = get_task(bundle.task)
+    unit = s["sample_unit"] or task.default_sample_unit
+    if unit not in task.sample_units:
+        raise ConfigurationError(
+            f"the {task.name} task cannot use sample_unit={unit!r}: its loss defines a Fisher sample only as "
+            f"{' or '.join(repr(u) for u in task.sample_units)}; pick one of those"
+        )
     t0 = time.perf_counter()
     source = load_texts(s["calib"], text_column=s["text_column"], split=s["split"])
-    calib, evaluation = split_texts(source, int(s["samples"]), int(s["eval_samples"]), seed=int(s["seed"]))
+    source, skipped = usable_texts(source, task)
+    notes = []
+    if skipped:
+        notes.append(f"skipped {skipped} of {skipped + len(source)} texts that the {task.name} task cannot use "
+                     f"(fewer than {task.min_words} words)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        calib, evaluation = split_texts(source, int(s["samples"]), int(s["eval_samples"]), seed=int(s["seed"]))
+    notes += [str(w.message) for w in caught]
+    calib.description["skipped_texts"] = evaluation.description["skipped_texts"] = skipped
     calib_batches = task.make_batches(bundle.tokenizer, calib.texts, calib.labels, int(s["max_length"]), int(s["batch_size"]))
     eval_batches = task.make_batches(bundle.tokenizer, evaluation.texts, evaluation.labels, int(s["max_length"]), int(s["batch_size"]))
     timings["data"] = time.perf_counter() - t0
     layers = default_layers(bundle.model) if s["layers"] is None else list(select_layers(bundle.model, s["layers"]))
     s["task"] = bundle.task
-    return Experiment(bundle, task, calib, evaluation, calib_batches, eval_batches, s, layers, timings=timings)
+    exp = Experiment(bundle, task, calib, evaluation, calib_batches, eval_batches, s, layers, timings=timings)
+    exp.warnings.extend(notes)
+    return exp
+
+
+def usable_texts(source: TextSource, task: Any) -> tuple[TextSource, int]:
+    """``source`` without the texts ``task`` cannot use (e.g. one-word headings for retrieval),
+    and how many were dropped; too few left is a :class:`DataError`."""
+    keep = [i for i, t in enumerate(source.texts) if isinstance(t, str) and len(t.split()) >= task.min_words]
+    skipped = len(source.texts) - len(keep)
+    if not skipped:
+        return source, 0
+    if len(keep) < 3:
+        raise DataError(
+            f"only {len(keep)} of {len(source.texts)} texts have at least {task.min_words} words, which the "
+            f"{task.name} task needs; give longer texts"
+        )
+    labels = [source.labels[i] for i in keep] if source.labels is not None else None
+    description = {**source.description, "count": len(keep), "skipped_texts": skipped}
+    return TextSource([source.texts[i] for i in keep], labels, description), skipped
 
 
 def required_kinds(methods: Sequence[Any]) -> tuple[str, ...]:
@@ -169,68 +229,94 @@ def collect(exp: Experiment, methods: Sequence[Any] = ("svd", "fwsvd", "kfac", "
     def loss_fn(model, batch):
         return exp.task.fisher_loss(model, batch, fisher=fisher, generator=gen)
 
-    t0 = time.perf_counter()
-    exp.stats = collect_statistics(exp.model, exp.calib_batches, loss_fn, layers=exp.layers,
+    with measure(exp.model.device) as rec:
+        stats = collect_statistics(exp.model, exp.calib_batches, loss_fn, layers=exp.layers,
                                    kinds=tuple(dict.fromkeys(required_kinds(methods) + tuple(extra_kinds))),
                                    sample_unit=exp.sample_unit,
                                    max_memory=max_memory, progress=progress, cancel=cancel)
+    exp.stats = stats
     exp.decompositions.clear()
-    _timed(exp, "statistics", t0)
+    _record(exp, "statistics", rec)
     return exp.stats
 
 
-def decompositions(exp: Experiment, method: Any, progress: Any = None, cancel: Any = None) -> dict[str, LayerDecomposition]:
-    """Per-layer decompositions of one method, computed once per experiment."""
+def decompositions(exp: Experiment, method: Any, progress: Any = None, cancel: Any = None,
+                   run: Optional[dict] = None) -> dict[str, LayerDecomposition]:
+    """Per-layer decompositions of one configured method, computed once per experiment and
+    configuration (``method_key``); ``run`` receives the stage record when they are computed."""
     m = get_method(method)
     if exp.stats is None:
-        raise ValueError("collect statistics first")
-    missing = [k for k in m.requires if not _has_kind(exp.stats, k)]
+        raise ConfigurationError("collect statistics first")
+    missing = has_kinds(exp.stats, m.requires)
     if missing:
-        raise ValueError(f"method {m.name} needs statistics {missing}; collect them again including this method")
-    if m.name not in exp.decompositions:
-        t0 = time.perf_counter()
-        exp.decompositions[m.name] = decompose_layers(exp.model, exp.stats, m, progress=progress, cancel=cancel)
-        _timed(exp, f"decompose:{m.name}", t0)
-    return exp.decompositions[m.name]
-
-
-def _has_kind(stats: Mapping[str, LayerStats], kind: str) -> bool:
-    s = next(iter(stats.values()), None)
-    if s is None:
-        return False
-    return {
-        "samples": s.X is not None or s.G is not None, "diagonal": s.grad_sq_sum is not None,
-        "kfac": s.dd_sum is not None, "inputs": s.xx_sum is not None,
-    }[kind]
+        raise ConfigurationError(
+            f"method {m.name} needs statistics {missing}; collect them again including this method")
+    key = method_key(m)
+    if key not in exp.decompositions:
+        with measure(exp.model.device) as rec:
+            decs = decompose_layers(exp.model, exp.stats, m, progress=progress, cancel=cancel)
+        exp.decompositions[key] = decs
+        _record(exp, f"decompose:{key}", rec, run)
+    elif run is not None:
+        run[f"decompose:{key}"] = {"seconds": 0.0, "cached": True}
+    return exp.decompositions[key]
 
 
 def run_compression(exp: Experiment, method: Any, ratio: Optional[float] = None,
                     ranks: Optional[Mapping[str, Optional[int]]] = None, measure: bool = False,
                     evaluate: bool = True, progress: Any = None, cancel: Any = None) -> tuple[Compression, dict]:
-    """Compress with one method and build the JSON report (see :func:`report`)."""
+    """Compress with one method and build the JSON report (see :func:`report`); ``measure``
+    also measures each layer's loss increase alone (one evaluation per layer)."""
     method = get_method(method)  # a name or a configured Method; its config goes into the report
-    decs = decompositions(exp, method, progress=progress, cancel=cancel)
-    t0 = time.perf_counter()
-    comp = compress(exp.model, exp.stats, method, ratio=ratio, ranks=ranks, decompositions=decs)
-    _timed(exp, "compress", t0)
-    t0 = time.perf_counter()
-    layers = layer_report(exp.model, comp, exp.stats, exp.task, exp.calib_batches, measure=measure,
-                          progress=progress, cancel=cancel)
-    _timed(exp, "layer_report", t0)
+    run: dict[str, dict] = {}
+    decs = decompositions(exp, method, progress=progress, cancel=cancel, run=run)
+    with _measure(exp) as rec:
+        comp = compress(exp.model, exp.stats, method, ratio=ratio, ranks=ranks, decompositions=decs)
+    _record(exp, "compress", rec, run)
+    with _measure(exp) as rec:
+        layers = layer_report(exp.model, comp, exp.stats, exp.task, exp.calib_batches, measure=measure,
+                              progress=progress, cancel=cancel)
+    _record(exp, "layer_report", rec, run)
     base = metrics = None
     if evaluate:
-        t0 = time.perf_counter()
-        base = exp.baseline_metrics()
-        metrics = exp.task.evaluate(comp.model, exp.eval_batches, exp.reference())
-        _timed(exp, "evaluate", t0)
-    return comp, report(exp, comp, base, metrics, layers, ratio, method)
+        with _measure(exp) as rec:
+            base = exp.baseline_metrics()
+            metrics = exp.task.evaluate(comp.model, exp.eval_batches, exp.reference())
+        _record(exp, "evaluate", rec, run)
+    return comp, report(exp, comp, base, metrics, layers, ratio, method, run)
 
 
-def report(exp: Experiment, comp: Compression, base, metrics, layers: list[dict], ratio=None, method=None) -> dict:
+def _measure(exp: Experiment):
+    return measure(exp.model.device)
+
+
+def _run_stages(exp: Experiment, run: Optional[dict]) -> dict[str, dict]:
+    """The stages behind one report: the inputs it used (load, data, statistics) and its own."""
+    stages = {k: {"seconds": round(v, 3)} for k, v in exp.timings.items() if k in ("load_model", "data")}
+    if "statistics" in exp.stages:
+        stages["statistics"] = exp.stages["statistics"]
+    stages.update(run or {})
+    return stages
+
+
+def report_warnings(exp: Experiment, layers: Sequence[Mapping]) -> list[str]:
+    """Every fallback and data warning behind a report, one line each (never only an info field)."""
+    out = list(exp.warnings)
+    for r in layers:
+        out += [f"{r['layer']}: {w}" for w in r.get("warnings") or []]
+    return out
+
+
+def report(exp: Experiment, comp: Compression, base, metrics, layers: list[dict], ratio=None, method=None,
+           run: Optional[dict] = None) -> dict:
     kept = comp.kept_ratio(exp.model)
+    stages = _run_stages(exp, run)
+    peaks = [v["cpu_peak_mb"] for v in stages.values() if "cpu_peak_mb" in v]
+    cfg = get_method(method or comp.method)
     return {
         "method": comp.method,
-        "method_config": get_method(method or comp.method).config(),
+        "method_key": method_key(cfg),
+        "method_config": cfg.config(),
         "requested_ratio": ratio,
         "kept_ratio": {"layers": kept["layers"], "model": kept["model"]},
         "removed_ratio": {"layers": 1 - kept["layers"], "model": 1 - kept["model"]},
@@ -239,24 +325,35 @@ def report(exp: Experiment, comp: Compression, base, metrics, layers: list[dict]
         "baseline_metrics": base, "metrics": metrics,
         "layers": layers,
         "dense_layers": [r["layer"] for r in layers if r["dense"]],
+        "warnings": report_warnings(exp, layers),
         "calibration": exp.data_record(),
-        "timings": dict(exp.timings),
-        "peak_memory_mb": peak_memory_mb(),
+        "timings": {k: v["seconds"] for k, v in stages.items()},
+        "stages": stages,
+        "peak_memory_mb": round(max(peaks), 1) if peaks else round(lifetime_peak_mb(), 1),
     }
 
 
 def run_sweep(exp: Experiment, methods: Sequence[Any], ratios: Sequence[float], progress=None, cancel=None) -> dict:
-    decs = {get_method(m).name: decompositions(exp, m, cancel=cancel) for m in methods}
-    t0 = time.perf_counter()
-    rows = sweep(exp.model, exp.stats, exp.task, exp.eval_batches, methods, ratios, decompositions=decs,
-                 progress=progress, cancel=cancel)
-    _timed(exp, "sweep", t0)
-    return {"model": exp.settings["model"], "task": exp.bundle.task, "rows": rows,
-            "calibration": exp.data_record(), "timings": dict(exp.timings), "peak_memory_mb": peak_memory_mb()}
+    run: dict[str, dict] = {}
+    decs = {get_method(m).name: decompositions(exp, m, cancel=cancel, run=run) for m in methods}
+    with _measure(exp) as rec:
+        rows = sweep(exp.model, exp.stats, exp.task, exp.eval_batches, methods, ratios, decompositions=decs,
+                     progress=progress, cancel=cancel)
+    _record(exp, "sweep", rec, run)
+    stages = _run_stages(exp, run)
+    peaks = [v["cpu_peak_mb"] for v in stages.values() if "cpu_peak_mb" in v]
+    warn = list(exp.warnings)
+    for key, d in zip(decs, decs.values()):
+        for name, dec in d.items():
+            warn += [f"{key} {name}: {w}" for w in dec.info.get("warnings") or []]
+    return {"model": exp.settings["model"], "task": exp.bundle.task, "rows": rows, "warnings": warn,
+            "calibration": exp.data_record(), "timings": {k: v["seconds"] for k, v in stages.items()},
+            "stages": stages, "peak_memory_mb": round(max(peaks), 1) if peaks else round(lifetime_peak_mb(), 1)}
 
 
 def peak_memory_mb() -> float:
-    """Peak resident memory of this process (CPU), in MiB; plus CUDA peak when used."""
+    """Peak resident memory of this process's lifetime (CPU), in MiB, plus the CUDA peak; reports
+    give per-stage peaks instead (``stages``)."""
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -267,8 +364,11 @@ def peak_memory_mb() -> float:
 
 def write_json(obj: Any, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, default=_json_default))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=2, default=_json_default))
+    except OSError as exc:
+        raise OutputPathError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
     return path
 
 

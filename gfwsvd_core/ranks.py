@@ -13,6 +13,8 @@ from typing import Mapping, Optional
 
 import torch
 
+from .errors import ConfigurationError
+
 Shape = tuple[int, int]
 
 
@@ -30,9 +32,9 @@ def check_ratio(ratio: float) -> float:
     try:
         ratio = float(ratio)
     except (TypeError, ValueError):
-        raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}") from None
+        raise ConfigurationError(f"ratio must be a number in (0, 1], got {ratio!r}") from None
     if not (0 < ratio <= 1) or math.isnan(ratio):
-        raise ValueError(f"ratio must be in (0, 1] (parameters kept / original), got {ratio}")
+        raise ConfigurationError(f"ratio must be in (0, 1] (parameters kept / original), got {ratio}")
     return ratio
 
 
@@ -69,7 +71,7 @@ def validate_ranks(shapes: Mapping[str, Shape], ranks: Mapping[str, Optional[int
     """Check an explicit rank map: known layers, integer ranks in 1..min(m, n) (or None)."""
     unknown = [n for n in ranks if n not in shapes]
     if unknown:
-        raise ValueError(
+        raise ConfigurationError(
             f"rank given for unknown layer(s) {', '.join(unknown[:5])}; layers that exist: "
             + ", ".join(list(shapes)[:20]) + (" ..." if len(shapes) > 20 else "")
         )
@@ -80,7 +82,7 @@ def validate_ranks(shapes: Mapping[str, Shape], ranks: Mapping[str, Optional[int
             out[name] = None
             continue
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(m, n):
-            raise ValueError(f"rank for layer {name} must be an integer in 1..{min(m, n)} (or null for dense), got {r!r}")
+            raise ConfigurationError(f"rank for layer {name} must be an integer in 1..{min(m, n)} (or null for dense), got {r!r}")
         out[name] = r if shrinks(m, n, r) else None
     return out
 
@@ -127,7 +129,7 @@ def budget_ranks(
     ratio = check_ratio(ratio)
     missing = [n for n in shapes if n not in curves]
     if missing:
-        raise ValueError(f"no predicted-loss curve for layer(s) {', '.join(missing[:5])}")
+        raise ConfigurationError(f"no predicted-loss curve for layer(s) {', '.join(missing[:5])}")
     total = sum(m * n for m, n in shapes.values())
     budget = ratio * total
     opts = {name: _options(curves[name], m, n) for name, (m, n) in shapes.items()}
@@ -136,7 +138,7 @@ def budget_ranks(
     idx = {name: hulls[name][0] for name in shapes}  # index into opts (the current choice)
     used = sum(opts[name][idx[name]][0] for name in shapes)
     if used > budget:
-        raise ValueError(f"a budget of {ratio:.3f} is too small: rank 1 everywhere already keeps {used / total:.3f}")
+        raise ConfigurationError(f"a budget of {ratio:.3f} is too small: rank 1 everywhere already keeps {used / total:.3f}")
 
     heap: list = []
     order = {name: i for i, name in enumerate(shapes)}

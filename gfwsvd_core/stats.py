@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from .errors import ConfigurationError
 from .layers import LayerFilter, select_layers, weight_shape
 
 SAMPLE_UNITS = ("token", "sequence", "batch")
@@ -150,12 +151,24 @@ class LayerStats:
                 total += float((inner.double() ** 2).sum())
         return 0.5 * total / self.num_samples
 
+    def has(self, kind: str) -> bool:
+        """Whether statistics of ``kind`` were collected for this layer."""
+        if kind not in ALL_KINDS:
+            raise ConfigurationError(f"unknown kind {kind!r}; valid: {', '.join(ALL_KINDS)}")
+        return {"samples": self.X is not None or self.G is not None, "diagonal": self.grad_sq_sum is not None,
+                "kfac": self.dd_sum is not None, "inputs": self.xx_sum is not None}[kind]
+
     def nbytes(self) -> int:
         total = 0
         for t in (self.X, self.D, self.G, self.grad_sq_sum, self.grad_sum, self.xx_sum, self.dd_sum, self.abs_x_sum):
             if t is not None:
                 total += t.numel() * t.element_size()
         return total
+
+
+def has_kinds(stats: Mapping[str, LayerStats], kinds: Sequence[str]) -> list[str]:
+    """The kinds in ``kinds`` that some layer of ``stats`` lacks (empty: all collected)."""
+    return [k for k in kinds if not stats or not all(s.has(k) for s in stats.values())]
 
 
 # ---------------------------------------------------------------------------------------------

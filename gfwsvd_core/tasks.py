@@ -55,7 +55,7 @@ def _model_inputs(model: nn.Module, batch: dict) -> dict[str, Tensor]:
 
 def _check_fisher(fisher: str) -> None:
     if fisher not in FISHER_KINDS:
-        raise ValueError(f"unknown fisher {fisher!r}; valid: {', '.join(FISHER_KINDS)}")
+        raise ConfigurationError(f"unknown fisher {fisher!r}; valid: {', '.join(FISHER_KINDS)}")
 
 
 def _sample(probs: Tensor, generator: Optional[torch.Generator]) -> Tensor:
@@ -67,16 +67,16 @@ def _sample(probs: Tensor, generator: Optional[torch.Generator]) -> Tensor:
 
 def _chunks(n: int, size: int) -> list[range]:
     if size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {size}")
+        raise ConfigurationError(f"batch_size must be at least 1, got {size}")
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
     texts = list(texts)
     if not texts:
-        raise ValueError("no texts to batch; pass at least one text")
+        raise DataError("no texts to batch; pass at least one text")
     if not all(isinstance(t, str) for t in texts):
-        raise ValueError("texts must be strings; pass a list of str")
+        raise DataError("texts must be strings; pass a list of str")
     return texts
 
 
@@ -104,6 +104,16 @@ class Task(abc.ABC):
     default_sample_unit: str = "sequence"
     #: what one Fisher sample may be for this task's loss (checked in ``pipeline.prepare``)
     sample_units: tuple[str, ...] = ("token", "sequence", "batch")
+    #: transformers Auto class that loads a model for this task
+    auto_model: str = "AutoModel"
+    #: ``config.architectures`` suffixes that select this task (empty: the fallback task)
+    architectures: tuple[str, ...] = ()
+    #: the smallest number of words a text needs to be usable by this task
+    min_words: int = 1
+
+    @classmethod
+    def prepare_tokenizer(cls, tokenizer, name: str = "") -> None:
+        """Adjust a freshly loaded tokenizer for this task's batches (nothing by default)."""
     higher_is_better: dict[str, bool] = {}
     primary_metric: str = "loss"
 
@@ -132,7 +142,7 @@ class Task(abc.ABC):
         batch for retrieval), so its increase is what predicted loss increases estimate.
         """
         if not batches:
-            raise ValueError("no batches to measure the loss on")
+            raise DataError("no batches to measure the loss on")
         total = 0.0
         with _eval_mode(model):
             for b in batches:
@@ -160,6 +170,7 @@ class RetrievalTask(Task):
     description = "InfoNCE between the halves of each text, in-batch negatives; bare encoders."
     default_sample_unit = "batch"
     sample_units = ("token", "batch")  # the InfoNCE loss couples the batch: no per-sequence loss
+    min_words = 2  # split into a query and a passage
     higher_is_better = {"loss": False, "top1": True, "mrr": True, "fidelity": True}
     primary_metric = "top1"
     temperature = 0.05
@@ -170,11 +181,11 @@ class RetrievalTask(Task):
         for i, t in enumerate(texts):
             words = t.split()
             if len(words) < 2:
-                raise ValueError(f"text {i} has fewer than 2 words; retrieval needs texts it can split into query and passage")
+                raise DataError(f"text {i} has fewer than 2 words; retrieval needs texts it can split into query and passage")
             half = len(words) // 2
             pairs.append((" ".join(words[:half]), " ".join(words[half:])))
         if len(pairs) < 2:
-            raise ValueError("retrieval needs at least 2 texts (in-batch negatives); pass more texts")
+            raise DataError("retrieval needs at least 2 texts (in-batch negatives); pass more texts")
         chunks = _chunks(len(pairs), max(batch_size, 2))
         if len(chunks) > 1 and len(chunks[-1]) < 2:  # a lone pair has no negative: join the previous batch
             chunks[-2] = range(chunks[-2].start, chunks[-1].stop)
@@ -227,7 +238,7 @@ class RetrievalTask(Task):
     def evaluate(self, model, batches, reference=None):
         """Loss, top-1 and MRR against the fixed pool of all evaluation positives; fidelity."""
         if not batches:
-            raise ValueError("no evaluation batches")
+            raise DataError("no evaluation batches")
         q, p = self.reference_outputs(model, batches)  # (N, d) each
         scores = q @ p.T  # (N, N) cosines
         n = scores.shape[0]
@@ -255,6 +266,18 @@ class CausalLMTask(Task):
     name = "causal-lm"
     label = "Causal language modelling"
     description = "Next-token cross-entropy on the text itself; decoders with an LM head."
+    auto_model = "AutoModelForCausalLM"
+    architectures = ("ForCausalLM", "LMHeadModel")
+
+    @classmethod
+    def prepare_tokenizer(cls, tokenizer, name: str = "") -> None:
+        """A pad token (eos, else unk) and right padding, so padded positions can be masked."""
+        if tokenizer.pad_token is None:
+            pad = tokenizer.eos_token or tokenizer.unk_token
+            if pad is None:
+                raise ConfigurationError(f"tokenizer of {name!r} has no pad, eos or unk token; set tokenizer.pad_token yourself")
+            tokenizer.pad_token = pad
+        tokenizer.padding_side = "right"
     default_sample_unit = "sequence"
     higher_is_better = {"loss": False, "perplexity": False}
     primary_metric = "perplexity"
@@ -262,7 +285,7 @@ class CausalLMTask(Task):
     def make_batches(self, tokenizer, texts, labels=None, max_length=128, batch_size=8):
         texts = _check_texts(texts)
         if tokenizer.pad_token is None:
-            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (load_model does it)")
+            raise DataError("the tokenizer has no pad token; set tokenizer.pad_token (load_model does it)")
         batches = []
         for idx in _chunks(len(texts), batch_size):
             enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
@@ -295,7 +318,7 @@ class CausalLMTask(Task):
     def evaluate(self, model, batches, reference=None):
         """Mean token NLL over all valid targets and its perplexity."""
         if not batches:
-            raise ValueError("no evaluation batches")
+            raise DataError("no evaluation batches")
         total, count = 0.0, 0
         with _eval_mode(model):
             for b in batches:
@@ -303,7 +326,7 @@ class CausalLMTask(Task):
                 total += float(nll.sum())
                 count += int(valid.sum())
         if count == 0:
-            raise ValueError("the evaluation texts have no next-token targets; use longer texts")
+            raise DataError("the evaluation texts have no next-token targets; use longer texts")
         loss = total / count
         return {"loss": loss, "perplexity": math.exp(loss)}
 
@@ -317,6 +340,8 @@ class ClassificationTask(Task):
     name = "classification"
     label = "Sequence classification"
     description = "Cross-entropy on the labels of a sequence-classification head."
+    auto_model = "AutoModelForSequenceClassification"
+    architectures = ("ForSequenceClassification",)
     default_sample_unit = "sequence"
     higher_is_better = {"loss": False, "accuracy": True}
     primary_metric = "accuracy"
@@ -324,12 +349,12 @@ class ClassificationTask(Task):
     def make_batches(self, tokenizer, texts, labels=None, max_length=128, batch_size=8):
         texts = _check_texts(texts)
         if labels is None:
-            raise ValueError("classification needs labels; pass data with a label column")
+            raise DataError("classification needs labels; pass data with a label column")
         labels = list(labels)
         if len(labels) != len(texts):
-            raise ValueError(f"{len(texts)} texts but {len(labels)} labels; give one label per text")
+            raise DataError(f"{len(texts)} texts but {len(labels)} labels; give one label per text")
         if not all(isinstance(y, int) and not isinstance(y, bool) and y >= 0 for y in labels):
-            raise ValueError("classification labels must be non-negative integers; map label names to ids first")
+            raise DataError("classification labels must be non-negative integers; map label names to ids first")
         batches = []
         for idx in _chunks(len(texts), batch_size):
             enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
@@ -342,7 +367,7 @@ class ClassificationTask(Task):
         logits = model(**_model_inputs(model, batch)).logits.float()  # (B, C)
         labels = batch["labels"].to(logits.device)
         if int(labels.max()) >= logits.shape[-1]:
-            raise ValueError(
+            raise DataError(
                 f"label {int(labels.max())} is out of range for a model with {logits.shape[-1]} classes; "
                 "check the label column or load the model with matching num_labels"
             )
@@ -358,7 +383,7 @@ class ClassificationTask(Task):
     def evaluate(self, model, batches, reference=None):
         """Mean cross-entropy and accuracy over all samples."""
         if not batches:
-            raise ValueError("no evaluation batches")
+            raise DataError("no evaluation batches")
         total, correct, n = 0.0, 0, 0
         with _eval_mode(model):
             for b in batches:

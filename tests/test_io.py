@@ -1,4 +1,4 @@
-"""Saving/loading compressed models (design.md section 6): round trips, dense export, errors."""
+"""Saving/loading compressed models: round trips, dense export, errors."""
 
 from __future__ import annotations
 

@@ -1,10 +1,13 @@
 """load_model: the embedded default, saved tiny folders of each architecture, offline errors."""
 
+import json
 import pytest
 import torch
 
 import tiny_models
-from gfwsvd_core.models import TASK_NAMES, default_layers, load_model
+from gfwsvd_core.errors import ModelLoadError
+from gfwsvd_core.models import default_layers, load_model
+from gfwsvd_core.tasks import TASKS as TASK_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,37 @@ def test_bogus_model_offline(monkeypatch):
 
 def test_folder_without_config(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ValueError, match="offline"):
+    with pytest.raises(ModelLoadError, match="has no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_remote_code_is_refused_with_its_own_message(tmp_path, monkeypatch):
+    """A config whose class lives in the repository's own code: never run, never prompted."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "my-custom-arch", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig",
+                                                     "AutoModel": "modeling_custom.CustomModel"}}))
+    (tmp_path / "configuration_custom.py").write_text("raise SystemExit('remote code was executed')\n")
+    with pytest.raises(ModelLoadError, match="custom code") as e:
+        load_model(str(tmp_path))
+    assert "offline" not in str(e.value)
+
+
+def test_invalid_local_config_is_a_user_error(tmp_path, monkeypatch):
+    """Hidden size 32 with 5 heads: transformers' validation error becomes a one-line user error."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tiny_models.tiny_bert().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(hidden_size=32, num_attention_heads=5)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="invalid or unsupported configuration"):
+        load_model(str(tmp_path))
+
+
+def test_folder_without_weights_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tiny_models.tiny_bert().config.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError):
         load_model(str(tmp_path))
 
 

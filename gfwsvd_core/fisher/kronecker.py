@@ -14,7 +14,7 @@ PSD matrices, so the result is symmetric PSD with no sign ambiguity. Error falls
 arbitrary sign, which is fixed here (the published code was bitten by it).
 
 With factored samples (``G_k = D_k^T X_k``) the maps are computed as
-``E[D_k^T (X_k A X_k^T) D_k]`` without forming ``G_k`` (cheaper when T is small; design.md 2).
+``E[D_k^T (X_k A X_k^T) D_k]`` without forming ``G_k`` (cheaper when ``T`` is small next to m and n).
 Reference: C. Van Loan, N. Pitsianis, "Approximation with Kronecker products" (1993);
 Chekalina et al., "Generalized Fisher-Weighted SVD" (arXiv 2505.17974).
 """
@@ -28,7 +28,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..stats import LayerStats, map_flops
+from ..stats import LayerStats
 
 #: bytes of intermediate tensors per chunk of samples
 CHUNK_BYTES = 256 * 2**20
@@ -56,6 +56,9 @@ class KroneckerFactors:
     s2: Optional[float] = None  # second singular value of the rearranged F (estimate)
     seconds: float = 0.0
     history: list = field(default_factory=list)  # s1 estimate per sweep
+    psd_clipped: float = 0.0  # negative eigenvalue mass removed from A and B, relative (~0)
+    residual_bound: Optional[float] = None  # Krylov: bound on sin(angle) of the factors to the exact ones
+    refine_steps: int = 0  # float64 map pairs after the float32 solve
 
     @property
     def eta(self) -> Optional[float]:
@@ -80,6 +83,7 @@ class KroneckerFactors:
             "s1": self.s1, "eta": self.eta, "fit_error": self.fit_error, "gap": self.gap,
             "sweeps": self.sweeps, "converged": self.converged, "method": self.method,
             "init": self.init, "seconds": self.seconds, "eta_estimated": self.fisher_norm_estimated,
+            "psd_clipped": self.psd_clipped, "residual_bound": self.residual_bound, "refine_steps": self.refine_steps,
         }
 
 
@@ -116,12 +120,14 @@ class _Samples:
         acc = torch.zeros(self.m, self.m, dtype=A.dtype, device=self.device)
         if self.G is not None:
             for G in self.G.split(self.chunk):  # (c, m, n)
+                G = G.to(A.dtype)
                 GA = G @ A  # (c, m, n)
                 c = G.shape[0]
                 # sum_k (G_k A) G_k^T as one GEMM: (m, c*n) @ (c*n, m)
                 acc += GA.permute(1, 0, 2).reshape(self.m, c * self.n) @ G.permute(1, 0, 2).reshape(self.m, c * self.n).T
         else:
             for X, D in zip(self.X.split(self.chunk), self.D.split(self.chunk)):
+                X, D = X.to(A.dtype), D.to(A.dtype)
                 S = torch.bmm(X @ A, X.transpose(1, 2))  # (c, T, T) = X_k A X_k^T
                 SD = torch.bmm(S, D)  # (c, T, m)
                 acc += D.reshape(-1, self.m).T @ SD.reshape(-1, self.m)  # sum_k D_k^T S_k D_k
@@ -132,10 +138,12 @@ class _Samples:
         acc = torch.zeros(self.n, self.n, dtype=B.dtype, device=self.device)
         if self.G is not None:
             for G in self.G.split(self.chunk):  # (c, m, n)
+                G = G.to(B.dtype)
                 BG = B @ G  # (c, m, n)
                 acc += G.reshape(-1, self.n).T @ BG.reshape(-1, self.n)  # sum_k G_k^T (B G_k)
         else:
             for X, D in zip(self.X.split(self.chunk), self.D.split(self.chunk)):
+                X, D = X.to(B.dtype), D.to(B.dtype)
                 S = torch.bmm(D @ B, D.transpose(1, 2))  # (c, T, T) = D_k B D_k^T
                 SX = torch.bmm(S, X)  # (c, T, n)
                 acc += X.reshape(-1, self.n).T @ SX.reshape(-1, self.n)  # sum_k X_k^T S_k X_k
@@ -230,7 +238,7 @@ def _as_samples(source, device=None, dtype=None) -> tuple[_Samples, Optional[Lay
 def nearest_kronecker(
     source: Union[LayerStats, torch.Tensor, tuple],
     init: str = "kfac",
-    method: str = "als",
+    method: str = "krylov",
     tol: float = 1e-6,
     max_sweeps: int = 50,
     diagnostics: bool = True,
@@ -238,6 +246,7 @@ def nearest_kronecker(
     device=None,
     dtype: Optional[torch.dtype] = None,
     seed: int = 0,
+    refine: int = 2,
 ) -> KroneckerFactors:
     """Nearest Kronecker product ``A (x) B`` of the empirical Fisher of per-sample gradients.
 
@@ -246,11 +255,16 @@ def nearest_kronecker(
             (K, T, n), (K, T, m).
         init: "identity" or "kfac" (``sum x x^T`` of the samples; falls back to identity when
             unavailable). Both have a positive overlap with the PSD top pair.
-        method: "als" (power iteration, PSD by construction) or "lanczos" (scipy svds with a
-            sign fix and symmetrisation).
-        tol: stop when the unit-norm input factor changes by less than ``tol`` (Frobenius) in a
-            sweep; the Kronecker product is then accurate to about ``tol * g / (1 - g)`` with
-            ``g = (s2/s1)^2``. (A test on the s1 estimate alone stops far too early: it
+        method: "krylov" (default: Golub-Kahan-Lanczos with full reorthogonalisation, see
+            ``fisher.krylov``; s2 comes from the same Krylov space, so diagnostics cost no extra
+            maps), "als" (power iteration, PSD by construction; the reference) or "lanczos"
+            (scipy svds with a sign fix and symmetrisation, as the published code).
+        refine: Krylov only: at most this many float64 map pairs after a float32 solve, started
+            from its result, so the product matches a float64 solve (0: none).
+        tol: Krylov: stop when the residual bound on the angle to the exact factors is at most
+            ``tol``. ALS: stop when the unit-norm input factor changes by less than ``tol``
+            (Frobenius) in a sweep; the product is then accurate to about ``tol * g / (1 - g)``
+            with ``g = (s2/s1)^2``. (A test on the s1 estimate alone stops far too early: it
             converges like the square of the factor error.)
         dtype: arithmetic of the maps: None (float32, or float64 for float64 samples) or an
             explicit dtype. float32 is ~3x faster on CPU; on inputs whose channel spectra span
@@ -263,23 +277,85 @@ def nearest_kronecker(
     """
     if init not in ("identity", "kfac"):
         raise ValueError(f"unknown init {init!r}; valid: identity, kfac")
-    if method not in ("als", "lanczos"):
-        raise ValueError(f"unknown method {method!r}; valid: als, lanczos")
+    if method not in ("krylov", "als", "lanczos"):
+        raise ValueError(f"unknown method {method!r}; valid: krylov, als, lanczos")
     t0 = time.perf_counter()
     S, stats = _as_samples(source, device, dtype)
     A0, used_init = _initial(S, stats, init)
-    if method == "als":
+    s2 = bound = None
+    refined = 0
+    if method == "krylov":
+        A, B, s1, s2, sweeps, converged, hist, bound, refined = _krylov(S, A0, tol, max_sweeps, refine)
+    elif method == "als":
         A, B, s1, sweeps, converged, hist = _als(S, A0, tol, max_sweeps)
     else:
         A, B, s1, sweeps, converged, hist = _lanczos(S, A0, tol, max_sweeps)
+    A, clip_a = _psd_projection(A)
+    B, clip_b = _psd_projection(B)
     res = KroneckerFactors(A=A, B=B, s1=s1, sweeps=sweeps, converged=converged, method=method,
-                           init=used_init, history=hist)
+                           init=used_init, history=hist, psd_clipped=max(clip_a, clip_b),
+                           residual_bound=bound, refine_steps=refined)
     if diagnostics:
-        res.fisher_norm = math.sqrt(max(S.fisher_norm_sq(), 0.0))
-        res.fisher_norm_estimated = S.norm_estimated
-        res.s2 = _second_singular_value(S, A, B, s1, gap_sweeps, seed)
+        res.fisher_norm, res.fisher_norm_estimated = _fisher_norm(S, stats)
+        res.s2 = s2 if method == "krylov" else _second_singular_value(S, A, B, s1, gap_sweeps, seed)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _fisher_norm(S: _Samples, stats: Optional[LayerStats]) -> tuple[float, bool]:
+    """``||F||_F`` from the sample Grams, computed once per layer (cached on the statistics)."""
+    key = "fisher_norm"
+    if stats is not None and key in stats.info:
+        return stats.info[key]
+    out = (math.sqrt(max(S.fisher_norm_sq(), 0.0)), S.norm_estimated)
+    if stats is not None:
+        stats.info[key] = out
+    return out
+
+
+def _psd_projection(M: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Nearest PSD matrix (negative eigenvalues clipped) and the clipped mass ``sum|l-| / sum|l|``.
+
+    Rounding leaves eigenvalues of about -1e-8 relative on float32 factors; left in, they make the
+    Cholesky at a small requested damping fail and the damping climb. The mass must be ~0: a large
+    one means the factor itself is wrong, and it is reported per layer."""
+    M = 0.5 * (M + M.T)
+    evals, evecs = torch.linalg.eigh(M)
+    neg = evals.clamp(max=0)
+    total = float(evals.abs().sum())
+    clipped = float(-neg.sum()) / total if total > 0 else 0.0
+    if clipped == 0.0:
+        return M, 0.0
+    P = (evecs * evals.clamp(min=0)) @ evecs.T
+    return 0.5 * (P + P.T), clipped
+
+
+def _krylov(S: _Samples, A0, tol, max_steps, refine):
+    from .krylov import top_singular_triplets
+
+    map_dtype = A0.dtype
+    r = top_singular_triplets(S.in_map, S.out_map, A0.to(map_dtype), tol=tol, max_steps=max_steps)
+    steps, refined = r.steps, 0
+    if refine > 0 and map_dtype != torch.float64 and r.s1 > 0:
+        # float64 maps (chunks cast on the fly) from the float32 answer: a few steps recover the
+        # accuracy float32 rounding cost on inputs with wide spectra
+        r64 = top_singular_triplets(S.in_map, S.out_map, r.u.double(), tol=min(tol, 1e-9), max_steps=refine)
+        refined = r64.steps
+        # s1 and the pair from the float64 steps; s2 from the larger float32 space (a tighter
+        # Ritz value); the bound of whichever solve could certify its answer
+        r64.history = r.history + r64.history
+        r64.s2 = r.s2
+        if not r64.converged:
+            r64.bound, r64.converged = r.bound, r.converged
+        r = r64
+    u, v = r.u, r.v
+    if float(torch.trace(u)) < 0:  # a singular pair's sign is arbitrary: the PSD pair has trace > 0
+        u, v = -u, -v
+    u, v = 0.5 * (u + u.T), 0.5 * (v + v.T)
+    root = math.sqrt(max(r.s1, 0.0))
+    out = A0.dtype if A0.dtype == torch.float64 else torch.float32
+    A, B = (u * root).to(out), (v * root).to(out)
+    return A, B, r.s1, r.s2, steps + refined, r.converged, r.history, r.bound, refined
 
 
 def _initial(S: _Samples, stats, init: str):
@@ -378,7 +454,3 @@ def _second_singular_value(S: _Samples, A, B, s1, sweeps: int, seed: int) -> Opt
         a, sigma = _unit(a)
     return sigma
 
-
-def kronecker_flops(m: int, n: int, K: int, T: Optional[int]) -> float:
-    """Flops of one ALS sweep (two maps)."""
-    return 2 * K * map_flops(m, n, T or 0, "factored" if T else "materialized")

@@ -7,6 +7,7 @@ from typing import ClassVar, Optional
 
 import torch
 
+from ..errors import ConfigurationError
 from ..stats import LayerStats
 
 
@@ -37,6 +38,12 @@ class Method:
     #: compared by default in the explorer (all from one statistics pass)
     explorer_default: ClassVar[bool] = False
     description: ClassVar[str] = ""
+
+    def __post_init__(self):
+        """Options are user input: reject bad values here, before any long work."""
+        damping = getattr(self, "damping", 0.0)
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < float("inf"):
+            raise ConfigurationError(f"{self.label or self.name} damping must be a finite number >= 0, got {damping!r}")
 
     def weights(self, stats: Optional[LayerStats]) -> Weights:
         """Turn one layer's statistics into solver weights (each method overrides this)."""

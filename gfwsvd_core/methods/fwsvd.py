@@ -1,5 +1,6 @@
 """FWSVD (Hsu et al., ICLR 2022): one-sided weighting by the diagonal Fisher, summed per row/column."""
 
+from ..errors import ConfigurationError
 from dataclasses import dataclass
 
 from ..fisher.diagonal import fwsvd_weight
@@ -23,8 +24,9 @@ class FWSVD(Method):
     description = "Diagonal Fisher summed along one dimension weights the other side."
 
     def __post_init__(self):
+        super().__post_init__()
         if self.side not in ("in", "out"):
-            raise ValueError(f"FWSVD side must be 'in' or 'out', got {self.side!r}")
+            raise ConfigurationError(f"FWSVD side must be 'in' or 'out', got {self.side!r}")
 
     def weights(self, stats) -> Weights:
         w = fwsvd_weight(stats, self.side)

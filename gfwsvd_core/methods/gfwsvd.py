@@ -3,16 +3,17 @@
 from dataclasses import dataclass
 
 from ..fisher.kronecker import nearest_kronecker
+from ..errors import ConfigurationError
 from .base import Method, Weights
 
 
 @dataclass
 class GFWSVD(Method):
-    """Weights ``(B, A)``: output-side and input-side Kronecker factors (design.md 2)."""
+    """Weights ``(B, A)``: output-side and input-side Kronecker factors, ``F ~ A (x) B``."""
 
     init: str = "kfac"
-    solver: str = "als"
-    tol: float = 1e-5  # factor change per sweep; the product is then accurate to ~1e-5 * g/(1-g)
+    solver: str = "krylov"  # or "als" (power iteration, the reference) or "lanczos" (scipy svds)
+    tol: float = 1e-5  # krylov: bound on the factors' angle to the exact ones; als: change per sweep
     max_sweeps: int = 50
     damping: float = 1e-6
     diagnostics: bool = True
@@ -25,6 +26,19 @@ class GFWSVD(Method):
     explorer_default = True
     requires = ("samples", "kfac")
     description = "Nearest Kronecker product of the full per-sample empirical Fisher."
+
+    def __post_init__(self):
+        super().__post_init__()
+        for key, least in (("max_sweeps", 1), ("gap_sweeps", 0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigurationError(f"GFWSVD {key} must be an integer >= {least}, got {value!r}")
+        if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not 0 < self.tol < 1:
+            raise ConfigurationError(f"GFWSVD tol must be a number in (0, 1), got {self.tol!r}")
+        if self.init not in ("kfac", "identity"):
+            raise ConfigurationError(f"GFWSVD init must be 'kfac' or 'identity', got {self.init!r}")
+        if self.solver not in ("krylov", "als", "lanczos"):
+            raise ConfigurationError(f"GFWSVD solver must be 'krylov', 'als' or 'lanczos', got {self.solver!r}")
 
     def weights(self, stats) -> Weights:
         fac = nearest_kronecker(stats, init=self.init, method=self.solver, tol=self.tol,

@@ -1,0 +1,198 @@
+"""Top singular triplets of a matrix-free linear map by Golub-Kahan-Lanczos bidiagonalisation.
+
+The rearranged Fisher ``R`` maps an output-side factor ``B`` (m x m) to ``R(B) = E[G^T B G]``
+(n x n) and its adjoint maps ``A`` to ``R^T(A) = E[G A G^T]``. Its top singular pair is the
+nearest Kronecker product; the second singular value measures how well determined it is.
+Starting from ``u_1`` (e.g. the K-FAC input factor) the recurrences
+
+    alpha_1 v_1 = R^T u_1,
+    beta_{j+1} u_{j+1} = R v_j - alpha_j u_j,      alpha_{j+1} v_{j+1} = R^T u_{j+1} - beta_{j+1} v_j
+
+build orthonormal bases ``U_{k+1}``, ``V_k`` with ``R V_k = U_{k+1} C_k`` for the (k+1) x k lower
+bidiagonal ``C_k`` (diagonal alpha, subdiagonal beta). The singular triplets of the small ``C_k``
+give the Ritz triplets ``(sigma_i, U p_i, V q_i)``; ``R v - sigma u = 0`` holds exactly and the
+residual of the adjoint equation is ``||R^T u - sigma v|| = alpha_{k+1} |p_i[k]|``, so each step,
+one map each way (the cost of one alternating-least-squares sweep), knows its own error.
+
+**Stopping rule.** With residual ``r_1`` and gap ``delta = sigma_1 - sigma_2`` (sigma_2 from the same
+space, made conservative by its own residual) Wedin's theorem bounds the angle between the
+computed and the exact singular vectors by ``sin(theta) <= sqrt(2) r_1 / delta``; the solver stops
+once that bound is at most ``tol``. Power iteration (ALS) contracts the error by
+``(sigma_2/sigma_1)^2`` per sweep; Lanczos by about ``exp(-2 sqrt(1 - (sigma_2/sigma_1)^2))``, so a
+gap of 0.8 needs ~10 steps instead of ~30, and ``sigma_2`` comes for free.
+
+The bases are kept in float64 (the maps may run in float32) with full reorthogonalisation
+(classical Gram-Schmidt, twice). When they would exceed ``basis_bytes`` the solver restarts from
+the current best left vector, which keeps memory bounded for wide layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+Map = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class KrylovResult:
+    """Top triplet ``(s1, u, v)`` (``u`` in the range, ``v`` in the domain, unit Frobenius norm),
+    the second singular value ``s2`` and how the solver got there."""
+
+    s1: float
+    s2: Optional[float]
+    u: torch.Tensor
+    v: torch.Tensor
+    steps: int  # map pairs (one R and one R^T each)
+    converged: bool
+    residual: float  # ||R^T u - s1 v|| of the returned triplet
+    bound: float  # Wedin bound on sin(angle to the exact singular vectors)
+    restarts: int = 0
+    history: list = field(default_factory=list)  # s1 estimate per step
+
+
+def _sym(M: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (M + M.transpose(-1, -2))
+
+
+class _Basis(list):
+    """Orthonormal vectors (a list of tensors) mirrored as rows of one float64 buffer, so that a
+    projection is two matrix-vector products, not a restack of the whole basis."""
+
+    def __init__(self, first: Optional[torch.Tensor] = None):
+        super().__init__()
+        self._buf: Optional[torch.Tensor] = None
+        if first is not None:
+            self.append(first)
+
+    def append(self, v: torch.Tensor) -> None:
+        flat = v.reshape(-1)
+        if self._buf is None or len(self) == self._buf.shape[0]:
+            cap = 8 if self._buf is None else 2 * self._buf.shape[0]
+            buf = flat.new_empty(cap, flat.numel())
+            if self._buf is not None:
+                buf[: len(self)] = self._buf[: len(self)]
+            self._buf = buf
+        self._buf[len(self)] = flat
+        super().append(self._buf[len(self)].view(v.shape))
+
+    def rows(self) -> torch.Tensor:
+        return self._buf[: len(self)]
+
+
+def _orthonormalise(w: torch.Tensor, basis: "_Basis") -> tuple[torch.Tensor, float]:
+    """``w`` minus its projection on ``basis`` (twice, for orthogonality at rounding level), normalised."""
+    flat = w.reshape(-1)
+    if len(basis):
+        Q = basis.rows()  # (j, N) float64
+        for _ in range(2):
+            flat = flat - Q.T @ (Q @ flat)
+    nrm = float(torch.linalg.vector_norm(flat))
+    flat = flat / nrm if nrm > 0 else flat
+    return flat.view(w.shape), nrm
+
+
+def top_singular_triplets(apply: Map, apply_t: Map, start: torch.Tensor, tol: float = 1e-6,
+                          max_steps: int = 100, basis_bytes: int = 512 * 2**20,
+                          symmetric: bool = True) -> KrylovResult:
+    """Top singular triplet and second singular value of ``apply`` (domain -> range).
+
+    Args:
+        apply: ``v -> R(v)``; ``apply_t``: ``u -> R^T(u)``; both take and return tensors in the
+            dtype of the maps (inputs are cast; results are taken to float64).
+        start: a range-space tensor with a non-zero overlap with the top left singular vector
+            (the K-FAC input factor for the Fisher).
+        tol: bound on ``sin(angle)`` of the returned vectors to the exact ones (see the module).
+        max_steps: at most this many map pairs in all.
+        basis_bytes: memory for the two float64 bases; the solver restarts when it is full.
+        symmetric: the maps preserve symmetric matrices: the start (and a restart) is
+            symmetrised, and the caller symmetrises the result (rounding asymmetry stays ~1e-16).
+    """
+    map_dtype = start.dtype
+    f64 = torch.float64
+    per_pair = None
+    u = start.to(f64)
+    u = _sym(u) if symmetric else u
+    u = u / torch.linalg.vector_norm(u)
+    steps = restarts = 0
+    history: list[float] = []
+    best = None
+    while True:
+        U, V = _Basis(u), _Basis()
+        alphas: list[float] = []
+        betas: list[float] = []
+        v_prev = None
+        while True:
+            w = apply_t(U[-1].to(map_dtype)).to(f64)  # R^T u_j
+            steps += 1
+            if v_prev is not None:
+                w = w - betas[-1] * v_prev
+            v, alpha = _orthonormalise(w, V)
+            alphas.append(alpha)
+            # the bidiagonal C ((j+1) x j, with the new alpha as its last row's residual)
+            j = len(V)
+            if j > 0:
+                tri = _ritz(alphas[:j], betas[:j], alpha)
+                s, res, p, q = tri
+                history.append(float(s[0]))
+                s2 = float(s[1]) if len(s) > 1 else 0.0
+                r2 = float(res[1]) if len(res) > 1 else 0.0
+                gap = float(s[0]) - (s2 + r2)
+                bound = math.sqrt(2) * float(res[0]) / gap if gap > 0 else math.inf
+                best = (s, res, p, q, U, V, bound)
+                if bound <= tol or alpha <= 1e-300:
+                    return _finish(best, steps, True, restarts, history)
+                if steps >= max_steps:
+                    return _finish(best, steps, False, restarts, history)
+            if alpha <= 0:  # an invariant subspace at the first step: R^T u = 0
+                return KrylovResult(0.0, 0.0, U[0], torch.zeros_like(w), steps, True, 0.0, 0.0, restarts, history)
+            V.append(v)
+            if per_pair is None:
+                per_pair = (U[0].numel() + v.numel()) * 8
+            w = apply(v.to(map_dtype)).to(f64) - alpha * U[-1]  # R v_j - alpha_j u_j
+            u_next, beta = _orthonormalise(w, U)
+            betas.append(beta)
+            U.append(u_next)
+            v_prev = v
+            if beta <= 1e-300 * max(alphas):  # invariant subspace: the Ritz values are exact
+                s, res, p, q = _ritz(alphas, betas, 0.0)
+                return _finish((s, res * 0, p, q, U, V, 0.0), steps, True, restarts, history)
+            if (len(V) + 2) * per_pair > basis_bytes and len(V) >= 2:
+                break  # restart from the best left vector
+        s, res, p, q = _ritz(alphas[:len(V)], betas[:len(V)], 0.0)
+        u = _combine(U, p[:, 0])
+        u = _sym(u) if symmetric else u
+        u = u / torch.linalg.vector_norm(u)
+        restarts += 1
+
+
+def _ritz(alphas, betas, alpha_next):
+    """Singular triplets of the (k+1) x k bidiagonal and their residuals ``alpha_{k+1} |p[k]|``."""
+    k = len(alphas)
+    C = torch.zeros(k + 1, k, dtype=torch.float64)
+    idx = torch.arange(k)
+    C[idx, idx] = torch.tensor(alphas, dtype=torch.float64)
+    C[idx + 1, idx] = torch.tensor(betas[:k], dtype=torch.float64)
+    P, s, Qh = torch.linalg.svd(C, full_matrices=False)  # P (k+1, k), s (k,), Qh (k, k)
+    res = abs(alpha_next) * P[k, :].abs()
+    return s, res, P, Qh.T
+
+
+def _combine(basis: list[torch.Tensor], coeffs: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(basis[0])
+    for b, c in zip(basis, coeffs.tolist()):
+        out += c * b
+    return out
+
+
+def _finish(best, steps, converged, restarts, history) -> KrylovResult:
+    s, res, p, q, U, V, bound = best
+    u = _combine(U[: p.shape[0]], p[:, 0])
+    v = _combine(V[: q.shape[0]], q[:, 0])
+    u = u / torch.linalg.vector_norm(u)
+    v = v / torch.linalg.vector_norm(v)
+    s2 = float(s[1]) if len(s) > 1 else None
+    return KrylovResult(float(s[0]), s2, u, v, steps, converged, float(res[0]), float(bound), restarts, history)

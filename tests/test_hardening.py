@@ -1,0 +1,206 @@
+"""The pipeline's honesty and error contract: cache keys, skipped texts, sample units, per-run
+timings, option validation, and the CLI's split between user errors and bugs."""
+
+import io
+import json
+from contextlib import redirect_stderr, redirect_stdout
+
+import pytest
+import torch
+
+import tiny_models
+from gfwsvd_core import cli, pipeline
+from gfwsvd_core.data import default_passages
+from gfwsvd_core.errors import ConfigurationError, DataError, GfwsvdUserError
+from gfwsvd_core.methods import get_method
+from gfwsvd_core.models import ModelBundle
+
+SMALL = dict(samples=6, eval_samples=4, max_length=24, batch_size=3, device="cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    """See conftest.one_thread."""
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory):
+    return tiny_models.save_tiny(tiny_models.tiny_gpt2(), tmp_path_factory.mktemp("hard") / "gpt2")
+
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory):
+    return tiny_models.save_tiny(tiny_models.tiny_bert(), tmp_path_factory.mktemp("hard") / "bert")
+
+
+@pytest.fixture()
+def exp(gpt2_folder):
+    e = pipeline.prepare(model=str(gpt2_folder), **SMALL)
+    pipeline.collect(e, methods=["gfwsvd"])
+    return e
+
+
+# ---------------------------------------------------------------- 1. cache keyed by configuration
+
+
+def test_method_key_names_the_options_that_differ():
+    assert pipeline.method_key("gfwsvd") == "gfwsvd"
+    assert pipeline.method_key(get_method("gfwsvd", damping=1e-6)) == "gfwsvd"  # the default value
+    assert pipeline.method_key(get_method("gfwsvd", damping=0.5)) == "gfwsvd[damping=0.5]"
+    assert pipeline.method_key(get_method("fwsvd", side="out")) == "fwsvd[side='out']"
+
+
+def test_reports_never_reuse_another_configuration(exp):
+    _, default = pipeline.run_compression(exp, "gfwsvd", ratio=0.5, evaluate=False)
+    _, damped = pipeline.run_compression(exp, get_method("gfwsvd", damping=0.5), ratio=0.5, evaluate=False)
+    assert damped["method_config"]["damping"] == 0.5 and default["method_config"]["damping"] == 1e-6
+    assert set(exp.decompositions) == {"gfwsvd", "gfwsvd[damping=0.5]"}
+    # the damping really went into the roots: the recorded damping and the predicted losses differ
+    d0 = {r["layer"]: r for r in default["layers"]}
+    d1 = {r["layer"]: r for r in damped["layers"]}
+    name = next(iter(d0))
+    assert d1[name]["left_damping"] >= 0.5 > d0[name]["left_damping"]
+    assert any(abs(d0[n]["predicted_loss"] - d1[n]["predicted_loss"]) > 1e-9 * (1 + abs(d0[n]["predicted_loss"]))
+               for n in d0)
+
+
+# ---------------------------------------------------------------- 8. timings and memory per run
+
+
+def test_timings_are_per_run_not_accumulated(exp):
+    _, first = pipeline.run_compression(exp, "svd", ratio=0.5)
+    _, second = pipeline.run_compression(exp, "svd", ratio=0.3)
+    assert first["stages"]["decompose:svd"]["seconds"] > 0
+    assert second["stages"]["decompose:svd"] == {"seconds": 0.0, "cached": True}
+    # a stage's time is this run's own: the second compress is not first + second
+    assert second["timings"]["compress"] == pytest.approx(exp.timings["compress"], abs=1e-3)
+    assert second["timings"]["statistics"] == first["timings"]["statistics"]  # the one pass both used
+    for rep in (first, second):
+        for stage in ("statistics", "compress", "layer_report", "evaluate"):
+            rec = rep["stages"][stage]
+            assert rec["seconds"] >= 0 and rec["cpu_peak_mb"] > 0
+            assert rec["scope"] == "stage" and rec["cpu_peak_extra_mb"] >= 0
+        assert rep["peak_memory_mb"] == pytest.approx(
+            max(v["cpu_peak_mb"] for v in rep["stages"].values() if "cpu_peak_mb" in v), abs=0.1)
+
+
+def test_stage_peak_is_the_stage_not_the_process():
+    from gfwsvd_core.meter import measure
+
+    with measure() as big:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB
+        del x
+    with measure() as small:
+        torch.ones(16)
+    assert big.cpu_peak_extra_mb > 50
+    assert small.cpu_peak_extra_mb < 20  # the earlier 64 MiB peak is not counted again
+
+
+# ---------------------------------------------------------------- 6. skipped texts
+
+
+def _txt_with_heading(path, n=12):
+    paras = ["Preamble"] + default_passages()[:n] + ["Index"]
+    path.write_text("\n\n".join(paras), encoding="utf-8")
+    return path
+
+
+def test_unusable_texts_are_skipped_counted_and_reported(bert_folder, tmp_path):
+    src = _txt_with_heading(tmp_path / "notes.txt")
+    e = pipeline.prepare(model=str(bert_folder), calib=str(src), **SMALL)
+    assert e.task.name == "retrieval"
+    assert e.data_record()["skipped_texts"] == 2
+    assert e.warnings == [f"skipped 2 of 14 texts that the retrieval task cannot use (fewer than 2 words)"]
+    pipeline.collect(e, methods=["svd"])
+    _, rep = pipeline.run_compression(e, "svd", ratio=0.5, evaluate=False)
+    assert rep["calibration"]["skipped_texts"] == 2
+    assert rep["warnings"][0].startswith("skipped 2 of 14 texts")
+
+
+def test_too_few_usable_texts_is_a_data_error(bert_folder, tmp_path):
+    src = tmp_path / "words.txt"
+    src.write_text("Preamble\n\nIndex\n\nTwo words\n\nGlossary", encoding="utf-8")
+    with pytest.raises(DataError, match="only 1 of 4 texts have at least 2 words"):
+        pipeline.prepare(model=str(bert_folder), calib=str(src), **SMALL)
+
+
+def test_the_cli_says_what_it_skipped(bert_folder, tmp_path, capsys):
+    src = _txt_with_heading(tmp_path / "notes.txt")
+    code = cli.main(["evaluate", "--model", str(bert_folder), "--calib", str(src), "--method", "svd", "--quiet",
+                     "--samples", "6", "--eval-samples", "4", "--max-length", "24", "--batch-size", "3",
+                     "--device", "cpu", "--report", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "warning: skipped 2 of 14 texts" in err
+    assert json.loads((tmp_path / "r.json").read_text())["calibration"]["skipped_texts"] == 2
+
+
+# ---------------------------------------------------------------- 7. validation at the boundary
+
+
+def test_sample_unit_the_task_cannot_use_fails_in_prepare(bert_folder):
+    with pytest.raises(ConfigurationError, match="retrieval task cannot use sample_unit='sequence'"):
+        pipeline.prepare(model=str(bert_folder), sample_unit="sequence", **SMALL)
+    with pytest.raises(ConfigurationError, match="unknown sample_unit"):
+        pipeline.prepare(model=str(bert_folder), sample_unit="paragraph", **SMALL)
+
+
+def test_method_options_are_validated_before_any_work():
+    for options, fragment in ((dict(max_sweeps=0), "max_sweeps must be an integer >= 1"),
+                              (dict(damping=-1.0), "damping must be a finite number >= 0"),
+                              (dict(tol=0), "tol must be a number in (0, 1)"),
+                              (dict(solver="newton"), "solver must be 'krylov', 'als' or 'lanczos'")):
+        with pytest.raises(ConfigurationError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+            get_method("gfwsvd", **options)
+    with pytest.raises(ConfigurationError, match="alpha"):
+        get_method("asvd", alpha=float("nan"))
+
+
+def test_meta_device_model_is_a_user_error(gpt2_folder):
+    with torch.device("meta"):
+        model = tiny_models.tiny_gpt2()
+    bundle = ModelBundle(model, tiny_models.tokenizer(), "causal-lm", "meta")
+    with pytest.raises(ConfigurationError, match="meta device"):
+        pipeline.prepare(bundle, **SMALL)
+
+
+def _run_cli(argv):
+    o, e = io.StringIO(), io.StringIO()
+    with redirect_stdout(o), redirect_stderr(e):
+        code = cli.main(argv)
+    return code, o.getvalue(), e.getvalue()
+
+
+def test_cli_user_errors_are_one_line_and_bugs_keep_their_traceback(gpt2_folder, monkeypatch):
+    argv = ["sweep", "--model", str(gpt2_folder), "--methods", "svd", "--ratios", "0.5", "--quiet"]
+
+    def user_error(**_):
+        raise DataError("the data is bad; give other data")
+
+    monkeypatch.setattr(pipeline, "prepare", user_error)
+    code, _, err = _run_cli(argv)
+    assert code == 2 and err == "error: the data is bad; give other data\n"
+
+    def bug(**_):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(pipeline, "prepare", bug)
+    with pytest.raises(ValueError, match="internal invariant"):  # not swallowed as a user error
+        cli.main(argv)
+
+
+def test_cli_refuses_a_non_empty_out_folder_before_any_work(gpt2_folder, tmp_path, monkeypatch):
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("{}")
+    monkeypatch.setattr(pipeline, "prepare", lambda **_: pytest.fail("no work may start"))
+    code, _, err = _run_cli(["compress", "--model", str(gpt2_folder), "--out", str(out), "--quiet"])
+    assert code == 2 and "is not empty" in err and "--overwrite" in err
+    assert (out / "tokenizer.json").read_text() == "{}"
+
+
+def test_user_error_family_are_value_errors():
+    assert issubclass(GfwsvdUserError, ValueError)  # callers catching ValueError keep working
+    from gfwsvd_core.io import CompressedFormatError
+
+    assert issubclass(CompressedFormatError, GfwsvdUserError)
