@@ -17,7 +17,7 @@ from torch import nn
 from .factorized import LowRankLinear, replace_layer
 from .layers import get_weight, weight_shape
 from .methods import Method, Weights, get_method
-from .ranks import kept_params, layer_params, uniform_ranks, validate_ranks
+from .ranks import break_even_rank, kept_params, layer_params, uniform_ranks, validate_ranks
 from .solver import WeightedDecomposition, decompose
 from .stats import Cancelled, LayerStats
 
@@ -76,11 +76,27 @@ def decompose_layers(
             if rt is not None:
                 info[f"{side}_damping"] = rt.damping
                 info[f"{side}_fell_back"] = rt.fell_back
+        info["zero_weight"] = dec.zero_weight
+        info["warnings"] = list(w.info.get("warnings", [])) + _method_warnings(info) + dec.warnings
         w.info = info
         out[name] = LayerDecomposition(name, weight_shape(module), method.name, dec, info,
                                        time.perf_counter() - t0, w)
         if progress:
             progress(i + 1, len(names), f"{method.label}: {name}")
+    return out
+
+
+def _method_warnings(info: Mapping[str, Any]) -> list[str]:
+    """Warnings hidden in a method's diagnostics (e.g. a Kronecker solve that did not converge)."""
+    out = []
+    kron = info.get("kronecker")
+    if isinstance(kron, Mapping):
+        if kron.get("converged") is False:
+            out.append(f"the Kronecker factors did not converge in {kron.get('sweeps')} steps "
+                       f"(bound {kron.get('residual_bound')}); raise max_sweeps or tol")
+        if (kron.get("psd_clipped") or 0) > 1e-4:
+            out.append(f"the Kronecker factors were projected onto the PSD cone, clipping "
+                       f"{kron['psd_clipped']:.1e} of their eigenvalue mass")
     return out
 
 
@@ -142,10 +158,10 @@ class Compression:
             elif name in self.requested and self.requested[name] is None:
                 reason = "kept dense as requested"
             else:
-                reason = f"at or above the break-even rank {m * n / (m + n):.1f}: kept dense"
+                reason = f"at or above the break-even rank {break_even_rank(m, n):.1f}: kept dense"
             recs.append({
                 "layer": name, "shape": [m, n], "rank": r, "dense": r is None, "reason": reason,
-                "break_even_rank": m * n / (m + n),
+                "break_even_rank": break_even_rank(m, n),
                 "params_before": m * n, "params_after": layer_params(m, n, r),
                 "predicted_loss": 0.0 if r is None else float(d.predicted_loss[r]),
                 **{k: v for k, v in d.info.items()},

@@ -58,6 +58,16 @@ class WeightedDecomposition:
         right = as_weight(right, n, "right (input-side)")
         self.left: Optional[Root] = None if left is None else root(left.to(W.device), damping, "left (output-side)")
         self.right: Optional[Root] = None if right is None else root(right.to(W.device), damping, "right (input-side)")
+        self.warnings: list[str] = []
+        for side, rt in (("output-side", self.left), ("input-side", self.right)):
+            if rt is not None:
+                self.warnings += rt.warnings(side)
+        # a zero weighting: W~ = 0, so every rank loses nothing the loss can see; the factors are
+        # then plain SVD's (any rank-r matrix is optimal, this one is the most faithful to W)
+        self.zero_weight = any(rt is not None and rt.zero for rt in (self.left, self.right))
+        if self.zero_weight:
+            self.warnings.append("predicted loss 0 at every rank; the factors are plain SVD's")
+            self.left = self.right = None
         Wt = _apply_left(self.left, self.W)  # L_out^T W
         Wt = _apply_right(self.right, Wt)  # L_out^T W L_in
         self.U, self.S, Vh = torch.linalg.svd(Wt, full_matrices=False)  # (m,k), (k,), (k,n)
@@ -73,11 +83,14 @@ class WeightedDecomposition:
 
     @property
     def singular_values(self) -> torch.Tensor:
-        return self.S
+        """Of the weighted matrix ``W~`` (all zero for a zero weighting)."""
+        return torch.zeros_like(self.S) if self.zero_weight else self.S
 
     @property
     def predicted_loss(self) -> torch.Tensor:
         """Entry k: half the tail energy ``1/2 sum_{i>k} s_i^2`` for k = 0 .. min(m, n)."""
+        if self.zero_weight:
+            return torch.zeros(self.S.numel() + 1, dtype=torch.float64, device=self.S.device)
         sq = self.S.double() ** 2
         tail = torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0])  # tail[k] = sum_{i>=k}
         return 0.5 * torch.cat([tail, tail.new_zeros(1)])
@@ -120,7 +133,7 @@ class WeightedDecomposition:
         for side, rt in (("left", self.left), ("right", self.right)):
             if rt is not None:
                 info.update({f"{side}_{k}": v for k, v in rt.info().items()})
-        return WeightedSVDResult(up, down, self.S.to(self.dtype), self.predicted_loss, rank, info)
+        return WeightedSVDResult(up, down, self.singular_values.to(self.dtype), self.predicted_loss, rank, info)
 
 
 def decompose(W: torch.Tensor, left=None, right=None, damping: float = 0.0) -> WeightedDecomposition:

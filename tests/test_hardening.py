@@ -204,3 +204,61 @@ def test_user_error_family_are_value_errors():
     from gfwsvd_core.io import CompressedFormatError
 
     assert issubclass(CompressedFormatError, GfwsvdUserError)
+
+
+# ---------------------------------------------------------------- 5. zero Fisher is zero loss, loudly
+
+
+class _DeadBranch(torch.nn.Module):
+    """``dead``'s output is multiplied by zero: its Fisher is exactly zero."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.live = torch.nn.Linear(6, 5)
+        self.dead = torch.nn.Linear(6, 5)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+    def forward(self, x):
+        return self.live(x) + 0.0 * self.dead(x)
+
+
+@pytest.mark.parametrize("method", ["fwsvd", "kfac", "gfwsvd"])
+def test_a_layer_the_loss_ignores_has_zero_predicted_loss_and_a_warning(method):
+    from gfwsvd_core.compress import compress
+    from gfwsvd_core.stats import collect_statistics
+
+    model = _DeadBranch()
+    g = torch.Generator().manual_seed(1)
+    batches = [{"x": torch.randn(4, 3, 6, generator=g)} for _ in range(3)]
+
+    def loss_fn(m, b):
+        return (m(b["x"]) ** 2).sum(dim=(1, 2))
+
+    stats = collect_statistics(model, batches, loss_fn, kinds=get_method(method).requires + ("samples",))
+    comp = compress(model, stats, method, ranks={"dead": 1, "live": 1})
+    rows = {r["layer"]: r for r in comp.layer_records()}
+    dead = comp.decompositions["dead"]
+    assert torch.equal(dead.predicted_loss, torch.zeros(6, dtype=torch.float64))  # before: plain SVD's tail
+    assert rows["dead"]["predicted_loss"] == 0.0
+    assert rows["dead"]["zero_weight"] is True
+    assert any("does not change the loss" in w for w in rows["dead"]["warnings"])
+    assert any("predicted loss 0 at every rank" in w for w in rows["dead"]["warnings"])
+    # the truth is 0 too: the exact empirical-Fisher quadratic of the change
+    dW = model.dead.weight.double() - dead.decomposition.reconstruct(1)
+    assert stats["dead"].quadratic(dW) == 0.0
+    # the factors are finite (plain SVD's) and the live layer is untouched by all this
+    assert all(torch.isfinite(t).all() for t in dead.decomposition.factors(1))
+    assert rows["live"]["predicted_loss"] > 0 and not rows["live"]["zero_weight"]
+
+
+def test_layer_warnings_reach_the_report_and_the_cli(capsys):
+    e = pipeline.Experiment.__new__(pipeline.Experiment)
+    e.warnings = ["skipped 1 of 9 texts"]
+    rows = [{"layer": "a", "warnings": ["the input-side weight is zero"]}, {"layer": "b", "warnings": []}]
+    out = pipeline.report_warnings(e, rows)
+    assert out == ["skipped 1 of 9 texts", "a: the input-side weight is zero"]
+    cli._print_warnings({"warnings": out})
+    assert capsys.readouterr().err.splitlines() == ["warning: skipped 1 of 9 texts", "warning: a: the input-side weight is zero"]

@@ -16,7 +16,7 @@ def test_pd_matrix_needs_no_damping_and_root_is_exact():
 
 @pytest.mark.parametrize("scale", [1e-9, 1.0, 1e6])
 def test_damping_is_relative_to_scale(scale):
-    x = torch.randn(6, 2, dtype=torch.float64)
+    x = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     M = scale * (x @ x.T)  # rank 2: singular
     r = root(M)
     assert 0 < r.damping <= 1e-6  # the same relative level whatever the scale
@@ -27,7 +27,18 @@ def test_damping_is_relative_to_scale(scale):
 
 def test_zero_factor_falls_back_to_identity_visibly():
     r = root(torch.zeros(4, 4))
-    assert r.fell_back and torch.equal(r.L, torch.eye(4, dtype=torch.float64))
+    assert r.fell_back and r.zero and torch.equal(r.L, torch.eye(4, dtype=torch.float64))
+    assert r.warnings("input-side") == [
+        "the input-side weight is zero: this layer's output does not change the loss on the calibration data"]
+
+
+def test_damping_escalation_is_a_warning():
+    x = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    r = root(x @ x.T, damping=0.0)
+    assert r.damping > 0 and r.requested == 0.0
+    assert r.warnings("output-side") == [
+        f"the output-side weight's damping was raised from 0 to {r.damping:g} (its Cholesky factorisation failed)"]
+    assert root(torch.eye(3), damping=1e-6).warnings("x") == []
 
 
 def test_indefinite_is_an_error_and_negative_trace_too():

@@ -28,13 +28,27 @@ class Root:
     damping: float  # relative damping lambda actually added (0 = none)
     fell_back: bool  # True when M was unusable and replaced by a scaled identity
     condition: float  # estimate of cond(L) (ratio of extreme diagonal entries of the factor)
+    zero: bool = False  # the weight was exactly zero: the loss does not see this side at all
+    requested: float = 0.0  # the damping asked for (``damping`` > requested means it climbed)
 
     @property
     def dim(self) -> int:
         return self.L.shape[0]
 
     def info(self) -> dict:
-        return {"damping": self.damping, "fell_back": self.fell_back, "condition": self.condition}
+        return {"damping": self.damping, "fell_back": self.fell_back, "condition": self.condition, "zero": self.zero}
+
+    def warnings(self, name: str) -> list[str]:
+        """Every way this root departs from the weight as given, one sentence each."""
+        if self.zero:
+            return [f"the {name} weight is zero: this layer's output does not change the loss on the calibration data"]
+        out = []
+        if self.fell_back:
+            out.append(f"the {name} weight had no usable Cholesky factor at any damping: replaced by a scaled identity")
+        elif self.damping > self.requested:
+            out.append(f"the {name} weight's damping was raised from {self.requested:g} to {self.damping:g} "
+                       "(its Cholesky factorisation failed)")
+        return out
 
 
 def as_weight(M, dim: int, name: str) -> Optional[torch.Tensor]:
@@ -88,19 +102,20 @@ def root(M: torch.Tensor, damping: float = 0.0, name: str = "weight") -> Root:
     if not scale > 0:
         if scale < 0 or torch.any(M != 0):
             _check_psd(M, name)
-        return Root(torch.eye(d, dtype=torch.float64, device=M.device), False, 0.0, True, 1.0)
+        return Root(torch.eye(d, dtype=torch.float64, device=M.device), False, 0.0, True, 1.0,
+                    zero=not bool(torch.any(M != 0)), requested=damping)
     tried = [damping] + [lam for lam in DAMPING_LADDER if lam > damping]
     checked = False
     for lam in tried:
         L, info = torch.linalg.cholesky_ex(damp(M, lam))
         if int(info) == 0 and torch.isfinite(L).all():
             diag = torch.diagonal(L).abs()
-            return Root(L, False, lam, False, float(diag.max() / diag.min().clamp_min(1e-300)))
+            return Root(L, False, lam, False, float(diag.max() / diag.min().clamp_min(1e-300)), requested=damping)
         if not checked:  # first failure: tell singular-but-PSD apart from indefinite
             _check_psd(M, name)
             checked = True
     eye = torch.eye(d, dtype=torch.float64, device=M.device) * scale**0.5
-    return Root(eye, False, 0.0, True, 1.0)
+    return Root(eye, False, 0.0, True, 1.0, requested=damping)
 
 
 def _diag_root(w: torch.Tensor, damping: float, name: str) -> Root:
@@ -108,12 +123,12 @@ def _diag_root(w: torch.Tensor, damping: float, name: str) -> Root:
         raise ValueError(f"{name} weight has negative diagonal entries: a weight must be positive semi-definite")
     scale = float(w.mean())
     if not scale > 0:
-        return Root(torch.ones_like(w), True, 0.0, True, 1.0)
+        return Root(torch.ones_like(w), True, 0.0, True, 1.0, zero=True, requested=damping)
     lam = damping
     if (w + lam * scale <= 0).any():  # zero entries: smallest ladder step that makes it PD
         lam = next(x for x in DAMPING_LADDER if x > damping)
     r = torch.sqrt(w + lam * scale)
-    return Root(r, True, lam, False, float(r.max() / r.min()))
+    return Root(r, True, lam, False, float(r.max() / r.min()), requested=damping)
 
 
 def _check_psd(M: torch.Tensor, name: str) -> None:
