@@ -18,10 +18,12 @@ written into a temporary sibling and moved into place, so a failed save never le
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import shutil
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -79,23 +81,68 @@ def _config_class(model_type: Optional[str]):
     return CONFIG_MAPPING[model_type]
 
 
-def _skeleton(cfg: Mapping[str, Any], model_class: str, device=None) -> nn.Module:
-    """An (untrained) instance of ``model_class`` built from a config dict; no download."""
+_NO_CUSTOM_CODE = "gfwsvd never runs custom (remote) model code, so only built-in transformers models load"
+
+
+_BUDGET = threading.local()  # .left: registrations this thread's build may still make (None: no limit)
+_BUDGET_LOCK = threading.Lock()
+_BUDGET_HOOKED: list[bool] = []
+
+
+def _count_registration(module, name, value) -> None:
+    """Global parameter/buffer registration hook: fails once this thread's budgeted build has
+    registered more tensors than allowed, so a config inflated to thousands of layers stops early."""
+    left = getattr(_BUDGET, "left", None)
+    if left is None or value is None:
+        return
+    if left <= 0:
+        raise CompressedFormatError(
+            f"{CONFIG_FILE} describes a model with more than {_BUDGET.limit} tensors, far more than "
+            f"{WEIGHTS_FILE} holds; it was edited or belongs to another model."
+        )
+    _BUDGET.left = left - 1
+
+
+def _install_budget_hook() -> None:
+    """Install :func:`_count_registration` once, for good: adding and removing global hooks while
+    other threads build models could disturb their iteration over the hooks."""
+    from torch.nn.modules import module as torch_module
+
+    with _BUDGET_LOCK:
+        if not _BUDGET_HOOKED:
+            torch_module.register_module_parameter_registration_hook(_count_registration)
+            torch_module.register_module_buffer_registration_hook(_count_registration)
+            _BUDGET_HOOKED.append(True)
+
+
+def _skeleton(cfg: Mapping[str, Any], model_class: str, device=None, max_tensors: Optional[int] = None) -> nn.Module:
+    """An (untrained) instance of ``model_class`` built from a config dict; no download, no custom code.
+
+    ``max_tensors`` bounds the parameters and buffers the build may register (see :func:`_count_registration`).
+    """
     import transformers
 
     cfg = dict(cfg)
     cfg.pop(BLOCK, None)
+    custom = " (its config's auto_map points to custom code)" if cfg.get("auto_map") else ""
     config_class = _config_class(cfg.get("model_type"))
     if config_class is None:
-        raise ValueError(f"unknown model_type {cfg.get('model_type')!r}: this transformers version cannot build it")
+        raise ValueError(
+            f"unknown model_type {cfg.get('model_type')!r}{custom}: this transformers version has no "
+            f"built-in class for it, and {_NO_CUSTOM_CODE}"
+        )
     cls = getattr(transformers, model_class, None)
     if cls is None or not isinstance(cls, type) or not issubclass(cls, nn.Module):
-        raise ValueError(f"model class {model_class!r} is not a transformers model class")
+        raise ValueError(f"model class {model_class!r} is not a built-in transformers model class{custom}; {_NO_CUSTOM_CODE}")
     config = config_class.from_dict(cfg)
-    if device is None:
-        return cls(config)
-    with torch.device(device):
-        return cls(config)
+    if max_tensors is not None:
+        _install_budget_hook()
+        _BUDGET.limit = _BUDGET.left = max_tensors
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return cls(config)
+    finally:
+        _BUDGET.left = None
 
 
 def _absent_modules(model: nn.Module, skeleton: nn.Module) -> list[str]:
@@ -195,7 +242,7 @@ def resolve_output_folder(path: PathLike, root: Optional[PathLike] = None) -> Pa
     """``path`` inside the output root (relative paths are taken in it), or :class:`OutputPathError`.
 
     Symlinks and ``..`` are resolved first, so nothing can step outside the root."""
-    text = str(path).strip()
+    text = "" if path is None else str(path).strip()
     if not text:
         raise OutputPathError("give a folder name to save to")
     base = Path(root).expanduser().resolve() if root is not None else output_root()
@@ -230,6 +277,7 @@ def _write_folder(folder: Path, overwrite: bool, write) -> Path:
         tmp.mkdir()
         write(tmp)
         if folder.exists():
+            _check_target(folder, overwrite)  # it may have been filled while we wrote
             old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
             folder.rename(old)
         tmp.rename(folder)
@@ -437,7 +485,9 @@ def load_compressed(folder: PathLike, device=None, dtype: Optional[torch.dtype] 
     tied: dict[str, str] = block.get("tied", {})
 
     try:
-        model = _skeleton(cfg, block["model_class"], device="meta")
+        model = _skeleton(cfg, block["model_class"], device="meta", max_tensors=2 * len(header) + 1000)
+    except CompressedFormatError:
+        raise
     except (ValueError, TypeError, KeyError, AttributeError, ImportError) as exc:
         raise CompressedFormatError(f"cannot rebuild the model of {str(folder)!r} from its config: {exc}.") from exc
     except Exception as exc:  # config validation errors of other libraries (e.g. huggingface_hub)
@@ -513,10 +563,18 @@ def load_compressed(folder: PathLike, device=None, dtype: Optional[torch.dtype] 
         raise CompressedFormatError(f"{WEIGHTS_FILE} in {str(folder)!r} has " + _fail_keys("tensors of the wrong shape", wrong) + ".")
     _check_dtypes(folder, header, expected)
 
-    tensors = _read_tensors(folder)  # validated: the only real allocation
-    model.load_state_dict(tensors, strict=False, assign=True)
+    _restore_buffers(model, folder)  # parameters are still on meta: only the small buffers get storage
+    tensors = _read_tensors(folder)  # validated: the only large allocation
+    if {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()} != header:
+        raise CompressedFormatError(f"{WEIGHTS_FILE} in {str(folder)!r} changed while it was being loaded.")
+    try:
+        model.load_state_dict(tensors, strict=False, assign=True)  # assign: keeps the saved dtype, no copy
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CompressedFormatError(f"the tensors of {str(folder)!r} do not fit the model ({exc}).") from exc
     _retie(model, tied)
-    _restore_buffers(model, cfg, block, folder)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CompressedFormatError(f"loading {str(folder)!r} left " + _fail_keys("tensors without values", left) + ".")
     if (folder / "generation_config.json").is_file() and hasattr(model, "generation_config"):
         from transformers import GenerationConfig
 
@@ -551,46 +609,96 @@ def _check_dtypes(folder: Path, header: Mapping[str, tuple], expected: Mapping[s
         raise CompressedFormatError(f"{WEIGHTS_FILE} in {str(folder)!r} mixes floating dtypes: {shown}.")
 
 
-def _restore_buffers(model: nn.Module, cfg: Mapping[str, Any], block: Mapping[str, Any], folder: Path) -> None:
-    """Give the non-persistent buffers (position ids, rotary frequencies, masks), which the state
-    dict does not hold, the values a normal construction gives them."""
-    owners = [(name, mod) for name, mod in model.named_modules()
-              if any(b is not None and b.is_meta for b in mod._buffers.values())]
-    if not owners:
+_MAX_BUFFER_BYTES = 64 * 2**20
+
+
+_CHECKED_INTS = (torch.int16, torch.int32, torch.int64)
+
+
+def _sentinel(dtype: torch.dtype):
+    """A value no init leaves in a buffer (NaN, the most negative integer); 0 where none exists."""
+    if dtype.is_floating_point or dtype.is_complex:
+        return float("nan")
+    return torch.iinfo(dtype).min if dtype in _CHECKED_INTS else 0
+
+
+def _unset(t: torch.Tensor) -> bool:
+    """Whether ``t`` still holds its sentinel (or is on meta): the model's init did not fill it."""
+    if t.is_meta:
+        return True
+    if t.dtype.is_floating_point or t.dtype.is_complex:
+        return bool(torch.isnan(t).any())
+    return t.dtype in _CHECKED_INTS and bool((t == torch.iinfo(t.dtype).min).any())
+
+
+def _restore_buffers(model: nn.Module, folder: Path) -> None:
+    """Give the non-persistent buffers (position ids, rotary frequencies), which no state dict
+    holds, the values a normal construction gives them, while every parameter is still on meta.
+
+    This is what ``from_pretrained`` does: real (sentinel-filled) CPU buffers, then the model's own
+    ``initialize_weights``, whose parameter inits are no-ops on meta. A buffer the init leaves
+    unset is an error, never silent garbage.
+    """
+    places: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for mod_name, mod in model.named_modules():
+        for key, buf in mod._buffers.items():
+            if buf is not None and buf.is_meta:
+                places.setdefault(id(buf), []).append((f"{mod_name}.{key}".lstrip("."), mod, key))
+    if not places:
         return
-    reference = None
-    for name, mod in owners:
-        fresh = None
-        config = getattr(model, "config", None)
-        try:  # most transformers submodules are built from the config alone: cheap
-            with torch.device("cpu"):
-                fresh = type(mod)(config) if config is not None else None
-        except Exception:  # noqa: BLE001 - other signatures: use a full reference build below
-            fresh = None
-        for key, buf in list(mod._buffers.items()):
-            if buf is None or not buf.is_meta:
-                continue
-            value = getattr(fresh, key, None) if fresh is not None else None
-            if not isinstance(value, torch.Tensor) or value.shape != buf.shape or value.is_meta:
-                if reference is None:
-                    reference = _skeleton(cfg, block["model_class"])  # the folder is valid: safe to build
-                value = reference.get_submodule(name)._buffers.get(key) if name else reference._buffers.get(key)
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(buf.shape):
-                raise CompressedFormatError(f"cannot re-create buffer {name}.{key} of {str(folder)!r}.")
-            mod._buffers[key] = value.to(buf.dtype) if value.dtype != buf.dtype else value
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise CompressedFormatError(f"{str(folder)!r} left " + _fail_keys("tensors without values", left) + ".")
+    metas = {ident: spots[0][1]._buffers[spots[0][2]] for ident, spots in places.items()}
+    size = sum(b.numel() * b.element_size() for b in metas.values())
+    if size > max(_MAX_BUFFER_BYTES, (folder / WEIGHTS_FILE).stat().st_size):
+        raise CompressedFormatError(
+            f"{CONFIG_FILE} of {str(folder)!r} asks for {size / 2**20:.0f} MiB of computed buffers, more than the "
+            "weights themselves; it was edited."
+        )
+    init = getattr(model, "initialize_weights", None)
+    if not callable(init):
+        raise CompressedFormatError(f"{type(model).__name__} has no initialize_weights to re-create its buffers.")
+    for ident, spots in places.items():
+        value = torch.empty_like(metas[ident], device="cpu").fill_(_sentinel(metas[ident].dtype))
+        for _, mod, key in spots:
+            mod._buffers[key] = value
+    modules = list(model.modules())
+    try:
+        for mod in modules:
+            mod.__dict__.pop("_is_hf_initialized", None)  # initialise every module, as a fresh build does
+        init()
+    except Exception as exc:  # noqa: BLE001 - the model's own code, driven by the config
+        raise CompressedFormatError(f"re-creating the buffers of {str(folder)!r} failed: {exc}.") from exc
+    finally:
+        for mod in modules:
+            mod.__dict__.pop("_is_hf_initialized", None)
+    unset = [name for spots in places.values() for name, mod, key in spots if _unset(mod._buffers[key])]
+    if unset:
+        raise CompressedFormatError(
+            f"{type(model).__name__}'s init does not re-create " + _fail_keys("non-persistent buffers", unset) + "."
+        )
 
 
 def load_tokenizer(folder: PathLike):
-    """The tokenizer saved in ``folder`` (``AutoTokenizer``), or None when there is none."""
+    """The tokenizer saved in ``folder`` (``AutoTokenizer``), or None when there is none.
+
+    Tokenizers that need custom code are refused (:class:`CompressedFormatError`), never run."""
     from transformers import AutoTokenizer
 
     folder = Path(folder)
     if not folder.is_dir() or not any((folder / f).is_file() for f in TOKENIZER_FILES):
         return None
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError) as exc:
+        custom = "trust_remote_code" in str(exc) or "auto_map" in _read_text(folder / "tokenizer_config.json")
+        why = "it needs custom (remote) code, which gfwsvd never runs" if custom else str(exc)
+        raise CompressedFormatError(f"the tokenizer in {str(folder)!r} cannot be loaded: {why}.") from exc
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -627,6 +735,7 @@ def export_dense(model: nn.Module, folder: PathLike, tokenizer=None, overwrite: 
         # the head was factorised, so it no longer shares the embedding: say so, or from_pretrained
         # would tie the multiplied-back head to the embedding again
         config.tie_word_embeddings = False
+
     def write(tmp: Path) -> None:
         dense.save_pretrained(str(tmp))
         if tokenizer is not None:

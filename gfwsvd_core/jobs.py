@@ -12,6 +12,7 @@ import time
 import traceback
 from typing import Any, Callable, Optional
 
+from .errors import GfwsvdUserError
 from .stats import Cancelled
 
 
@@ -28,6 +29,7 @@ class Job:
         self.result: Any = None
         self.error: Optional[str] = None
         self.details: Optional[str] = None
+        self.user_error = False  # the error is a GfwsvdUserError: a message for the user, not a bug
         self.cancelled = False
         self.started = time.time()
         self.finished: Optional[float] = None
@@ -46,6 +48,7 @@ class Job:
             self.error = f"{self.name} was cancelled"
         except Exception as exc:  # reported to the user, never raised in the UI thread
             self.error = " ".join(str(exc).split()) or type(exc).__name__
+            self.user_error = isinstance(exc, GfwsvdUserError)
             self.details = traceback.format_exc()
         finally:
             self.finished = time.time()

@@ -109,6 +109,16 @@ class Experiment:
         return estimate_memory(self.model, len(self.calib.texts), self.settings["max_length"], self.layers,
                                kinds, self.sample_unit)
 
+    def fork(self) -> "Experiment":
+        """A copy sharing model, data and batches but with its own statistics, decompositions and
+        timings: a background job computes into it while the original stays on screen."""
+        import copy
+
+        new = copy.copy(self)
+        new.decompositions = dict(self.decompositions)
+        new.timings, new.stages, new.warnings = dict(self.timings), dict(self.stages), list(self.warnings)
+        return new
+
     def data_record(self) -> dict:
         return {"calibration": self.calib.description, "evaluation": self.evaluation.description,
                 "fisher": self.settings["fisher"], "sample_unit": self.sample_unit,

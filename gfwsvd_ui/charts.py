@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 
 import plotly.graph_objects as go
 
-from .state import COLORS, label
+from .state import DENSE_COLOR, color, label
 
 EXPORT_CONFIG = {"toImageButtonOptions": {"format": "png", "scale": 2}, "displaylogo": False}
 
@@ -81,7 +81,7 @@ def curves(rows: Sequence[dict], y: str, title: str, y_title: str, logy: bool = 
             top = max((r[y] for r in pts), default=0.0)
             pts = [r for r in pts if r[y] > floor * top]
         fig.add_trace(go.Scatter(x=[r["rank"] for r in pts], y=[r[y] for r in pts],
-                                 mode="lines+markers", name=label(method), line=dict(color=COLORS.get(method)),
+                                 mode="lines+markers", name=label(method), line=dict(color=color(method)),
                                  marker=dict(size=5)))
     if marker_rank:
         fig.add_vline(x=marker_rank, line_dash="dot", line_color="#555")
@@ -94,9 +94,9 @@ def sweep_curves(rows: Sequence[dict], metric: str, higher_is_better: bool) -> g
     for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
         pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["kept_layers"])
         fig.add_trace(go.Scatter(x=[r["kept_layers"] for r in pts], y=[r["metrics"][metric] for r in pts],
-                                 mode="lines+markers", name=label(method), line=dict(color=COLORS.get(method))))
+                                 mode="lines+markers", name=label(method), line=dict(color=color(method))))
     if dense is not None:
-        fig.add_hline(y=dense["metrics"][metric], line_dash="dash", line_color=COLORS["dense"],
+        fig.add_hline(y=dense["metrics"][metric], line_dash="dash", line_color=DENSE_COLOR,
                       annotation_text="dense", annotation_position="bottom right")
     arrow = "higher is better" if higher_is_better else "lower is better"
     return _layout(fig, f"{metric} vs parameters kept ({arrow})", "parameters kept in compressed layers (fraction)", metric)

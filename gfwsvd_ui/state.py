@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -9,19 +11,26 @@ from typing import Any, Callable, Optional
 import streamlit as st
 
 from gfwsvd_core.jobs import Job
-from gfwsvd_core.methods import get_method
+from gfwsvd_core.methods import available_methods, explorer_methods, method_class
 
-#: one colour per method, everywhere
-COLORS = {
-    "svd": "#7f7f7f", "fwsvd": "#1f77b4", "kfac": "#2ca02c", "gfwsvd": "#d62728",
-    "asvd": "#9467bd", "svdllm": "#8c564b", "dense": "#111111",
-}
-#: methods the explorer compares (all come from one statistics pass)
-METHODS = ["svd", "fwsvd", "kfac", "gfwsvd"]
+#: methods the explorer compares (all come from one statistics pass); the registry decides
+METHODS = explorer_methods()
+DENSE_COLOR = "#111111"  # the uncompressed baseline in every chart
 
 
 def label(method: str) -> str:
-    return get_method(method).label if method in COLORS and method != "dense" else method
+    """Display name of a method (from its registered class); other names pass through."""
+    return method_class(method).label if method in available_methods() else method
+
+
+def color(method: str) -> str:
+    """The one colour of a method in every chart (from its registered class)."""
+    return method_class(method).color if method in available_methods() else DENSE_COLOR
+
+
+def loss_units(method: str) -> bool:
+    """Whether the method's predicted losses are comparable across layers (loss units)."""
+    return method in available_methods() and method_class(method).loss_units
 
 
 @dataclass
@@ -41,28 +50,70 @@ class Workspace:
     curve_errors: dict = field(default_factory=dict)  # {layer: message}: not retried automatically
     export_zip: Optional[bytes] = None
     notice: str = ""
+    on_done: Optional[Callable[[Any], None]] = None  # applies the job's result, in the script thread
+    applied: Optional[Job] = None  # the job whose result was applied
 
 
 def ws() -> Workspace:
     if "ws" not in st.session_state:
         st.session_state["ws"] = Workspace()
-    return st.session_state["ws"]
+    w = st.session_state["ws"]
+    apply_finished(w)
+    return w
+
+
+def reset(w: Workspace, exp: Any) -> None:
+    """A new experiment (or new statistics): everything computed from the old one goes."""
+    w.exp, w.ranks, w.sweep, w.compressed, w.measured, w.curves, w.curve_errors = exp, {}, None, None, {}, {}, {}
+    w.export_zip = None
+
+
+def apply_finished(w: Workspace) -> bool:
+    """Swap a finished job's result into the workspace (once, on whichever page runs next).
+
+    Jobs never write into the workspace from their thread: a page never sees half a result."""
+    job = w.job
+    if job is None or job.running or w.applied is job:
+        return False
+    w.applied = job
+    if job.error is None and not job.cancelled and w.on_done is not None:
+        w.on_done(job.result)
+    return True
 
 
 # ---- shared model cache (all sessions; models are never mutated: compression deep-copies)
-_MODELS: dict = {}
-_MODELS_LOCK = threading.Lock()
+#: most models kept loaded at once (least recently used go first)
+MAX_MODELS = max(1, int(os.environ.get("GFWSVD_MAX_MODELS", "2")))
+_MODELS: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
+_MODELS_LOCK = threading.Lock()  # guards the two dicts, never held while loading
+_KEY_LOCKS: dict = {}
 
 
-def shared_model(name: str, task: Optional[str], device: Optional[str]):
-    """Load a model once per (name, task, device) for all sessions (thread-safe)."""
-    from gfwsvd_core.models import load_model
+def shared_model(name: str, task: Optional[str], device: Optional[str], loader: Optional[Callable] = None):
+    """Load a model once per (name, task, device) for all sessions.
 
+    One lock per key: two sessions asking for the same model load it once, while a session
+    loading another model is not blocked. At most :data:`MAX_MODELS` stay cached."""
+    if loader is None:
+        from gfwsvd_core.models import load_model as loader
     key = (name, task, device)
     with _MODELS_LOCK:
-        if key not in _MODELS:
-            _MODELS[key] = load_model(name, task=task, device=device)
-        return _MODELS[key]
+        if key in _MODELS:
+            _MODELS.move_to_end(key)
+            return _MODELS[key]
+        lock = _KEY_LOCKS.setdefault(key, threading.Lock())
+    with lock:
+        with _MODELS_LOCK:
+            if key in _MODELS:
+                _MODELS.move_to_end(key)
+                return _MODELS[key]
+        bundle = loader(name, task=task, device=device)
+        with _MODELS_LOCK:
+            _MODELS[key] = bundle
+            while len(_MODELS) > MAX_MODELS:
+                _MODELS.popitem(last=False)
+            _KEY_LOCKS.pop(key, None)
+        return bundle
 
 
 #: One model-using job at a time across all sessions: the statistics pass attaches forward hooks
@@ -87,16 +138,20 @@ def _serialised(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def start_job(kind: str, fn: Callable[..., Any], *args, uses_model: bool = True, **kwargs) -> None:
+def start_job(kind: str, fn: Callable[..., Any], *args, uses_model: bool = True,
+              on_done: Optional[Callable[[Any], None]] = None, **kwargs) -> None:
     """Run ``fn(*args, progress=, cancel=, **kwargs)`` in the background as this session's job.
 
-    ``uses_model``: the job runs the shared model (forward/backward passes, hooks), so it waits for
-    other sessions' such jobs; pure post-processing (curves, zips) passes False.
+    ``fn`` returns its result; ``on_done(result)`` swaps it into the workspace in the script
+    thread once the job has finished (see :func:`apply_finished`). ``uses_model``: the job runs
+    the shared model (forward/backward passes, hooks), so it waits for other sessions' such jobs;
+    pure post-processing (curves, zips) passes False.
     """
     w = ws()
     if w.job is not None and w.job.running:
         st.warning(f"'{w.job.name}' is still running; wait for it or cancel it first.")
         return
+    w.on_done = on_done
     w.job = Job(kind, _serialised(fn) if uses_model else fn, *args, **kwargs)
     w.job_kind = kind
 
@@ -124,12 +179,17 @@ def job_panel(kind: str) -> None:
             return
         if not getattr(job, "_shown", False):
             job._shown = True
+            apply_finished(w)
             st.rerun()  # redraw the whole page with the job's results
         if job.cancelled:
             st.warning(f"{job.name} was cancelled after {job.elapsed:.0f} s. "
                        "Press the button again to restart it.")
-        elif job.error:
+        elif job.error and job.user_error:
             st.error(f"{job.error} — fix the input above and try again.")
+        elif job.error:
+            st.error(f"{job.name} failed: {job.error}. This is a bug in gfwsvd; the details below help report it.")
+            with st.expander("Traceback"):
+                st.code(job.details or "", language="text")
         else:
             st.success(f"{job.name} finished in {job.elapsed:.1f} s")
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import streamlit as st
 
 from gfwsvd_core import pipeline
-from gfwsvd_core.io import save_compressed
+from gfwsvd_core.errors import GfwsvdUserError
+from gfwsvd_core.io import output_root, resolve_output_folder, save_compressed
 from gfwsvd_ui.state import METHODS, busy, job_panel, label, require_stats, start_job, ws
 
 st.title("Export")
@@ -25,13 +26,13 @@ if st.button("Compress and evaluate", type="primary", disabled=busy()):
     ranks = dict(w.ranks) or None
 
     def work(progress, cancel):
-        w.compressed = None
-        w.export_zip = None
-        comp, rep = pipeline.run_compression(exp, method, ratio=None if ranks else 0.5, ranks=ranks,
-                                             progress=progress, cancel=cancel)
-        w.compressed = (comp, rep)
+        return pipeline.run_compression(exp, method, ratio=None if ranks else 0.5, ranks=ranks,
+                                        progress=progress, cancel=cancel)
 
-    start_job("Compressing and evaluating", work)
+    def done(result):
+        w.compressed, w.export_zip = result, None
+
+    start_job("Compressing and evaluating", work, on_done=done)
 job_panel("Compressing and evaluating")
 
 if w.compressed is None:
@@ -43,9 +44,12 @@ hib = getattr(exp.task, "higher_is_better", {})
 st.dataframe([{"metric": k, "dense": rep["baseline_metrics"][k], "compressed": v,
                "change": v - rep["baseline_metrics"][k], "better is": "higher" if hib.get(k) else "lower"}
               for k, v in rep["metrics"].items()], hide_index=True, width="stretch")
+for warning in rep.get("warnings", []):
+    st.warning(warning, icon=":material/warning:")
 
 
 def export_folder(folder: Path) -> Path:
+    """Write the compressed folder (a temporary sibling, then renamed; never into a non-empty one)."""
     return save_compressed(comp.model, folder, tokenizer=exp.bundle.tokenizer, method=comp.method,
                            source_model=str(exp.settings["model"]), calibration=exp.data_record())
 
@@ -66,10 +70,10 @@ with c1:
                         for f in sorted(folder.rglob("*")):
                             if f.is_file():
                                 zf.write(f, Path("compressed") / f.relative_to(folder))
-                w.export_zip = buf.getvalue()
                 progress(2, 2, "done")
+                return buf.getvalue()
 
-            start_job("Preparing zip", zip_job, uses_model=False)
+            start_job("Preparing zip", zip_job, uses_model=False, on_done=lambda data: setattr(w, "export_zip", data))
         job_panel("Preparing zip")
     if w.export_zip is not None:
         st.download_button("Download compressed model (.zip)", w.export_zip, file_name=f"gfwsvd-{comp.method}.zip",
@@ -77,13 +81,16 @@ with c1:
         st.caption(f"{len(w.export_zip) / 2**20:.1f} MiB · unzips to a folder `compressed/`")
 with c2:
     st.markdown("**Save to a folder on this machine**")
-    target = st.text_input("Folder", value=str(Path.cwd() / "out" / f"compressed-{comp.method}"), key="export_path")
+    root = output_root()
+    target = st.text_input("Folder", value=f"compressed-{comp.method}", key="export_path",
+                           help=f"a new or empty folder under the output root {root} (set GFWSVD_OUTPUT_ROOT to change it)")
+    st.caption(f"Folders are written under `{root}`; an existing non-empty folder is never overwritten.")
     if st.button("Save"):
         try:
-            path = export_folder(Path(target).expanduser())
+            path = export_folder(resolve_output_folder(target, root))
             st.success(f"Saved to {path}")
-        except (OSError, ValueError) as exc:
-            st.error(f"Could not save to {target}: {exc}. Choose a folder you can write to.")
+        except GfwsvdUserError as exc:
+            st.error(f"Could not save to {target!r}: {exc}")
 
 st.markdown("**Load it again**")
 st.code('from gfwsvd_core.io import load_compressed\nmodel = load_compressed("compressed")  # the unzipped or saved folder',

@@ -4,7 +4,7 @@ import streamlit as st
 
 from gfwsvd_core.explore import kronecker_table, pool, spectrum
 from gfwsvd_ui import charts
-from gfwsvd_ui.state import COLORS, require_stats, short
+from gfwsvd_ui.state import color, label, require_stats, short
 
 st.title("Fisher factors")
 exp = require_stats()
@@ -50,11 +50,11 @@ if d.info.get("left_fell_back") or d.info.get("right_fell_back"):
 col1, col2 = st.columns(2)
 col1.plotly_chart(charts.spectra({"GFWSVD A": spectrum(A).tolist(), "K-FAC E[x xᵀ]": spectrum(kfac_in).tolist()},
                                  f"input side (n = {A.shape[0]}): eigenvalues", normalise=True,
-                                 colors={"GFWSVD A": COLORS["gfwsvd"], "K-FAC E[x xᵀ]": COLORS["kfac"]}),
+                                 colors={"GFWSVD A": color("gfwsvd"), "K-FAC E[x xᵀ]": color("kfac")}),
                   config=charts.EXPORT_CONFIG, key="spec_in")
 col2.plotly_chart(charts.spectra({"GFWSVD B": spectrum(B).tolist(), "K-FAC E[d dᵀ]": spectrum(kfac_out).tolist()},
                                  f"output side (m = {B.shape[0]}): eigenvalues", normalise=True,
-                                 colors={"GFWSVD B": COLORS["gfwsvd"], "K-FAC E[d dᵀ]": COLORS["kfac"]}),
+                                 colors={"GFWSVD B": color("gfwsvd"), "K-FAC E[d dᵀ]": color("kfac")}),
                   config=charts.EXPORT_CONFIG, key="spec_out")
 st.caption("Each spectrum is divided by its largest eigenvalue: both factor pairs are only defined up to a scalar "
            "split between A and B, so only their shapes compare. Eigenvalues below 10⁻¹⁵ of the largest "

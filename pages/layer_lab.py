@@ -6,7 +6,7 @@ from gfwsvd_core.evaluate import measured_increase
 from gfwsvd_core.explore import kron_quadratic, layer_curves, weighted_spectra
 from gfwsvd_core.layers import get_weight
 from gfwsvd_ui import charts
-from gfwsvd_ui.state import COLORS, METHODS, busy, job_panel, label, require_stats, short, start_job, ws
+from gfwsvd_ui.state import METHODS, color, busy, job_panel, label, require_stats, short, start_job, ws
 
 st.title("Layer lab")
 exp = require_stats()
@@ -48,16 +48,23 @@ elif layer not in w.curves and busy():
 elif layer not in w.curves:
     gf = decs["gfwsvd"].factors
 
-    def work(progress, cancel):
+    def work(progress, cancel, layer=layer):
         progress(0, 1, f"curves for {short(layer)}")
         try:
-            w.curves[layer] = layer_curves(W, decs, exp.stats[layer], kronecker=gf)
-        except Exception as exc:
-            w.curve_errors[layer] = " ".join(str(exc).split()) or type(exc).__name__
-            raise
+            rows = layer_curves(W, decs, exp.stats[layer], kronecker=gf)
+        except Exception as exc:  # shown on the page and not retried automatically
+            return layer, None, " ".join(str(exc).split()) or type(exc).__name__
         progress(1, 1, "done")
+        return layer, rows, None
 
-    start_job("Computing rank curves", work, uses_model=False)
+    def done(result):
+        name, rows, error = result
+        if error is None:
+            w.curves[name] = rows
+        else:
+            w.curve_errors[name] = error
+
+    start_job("Computing rank curves", work, uses_model=False, on_done=done)
 job_panel("Computing rank curves")
 rows = [r for r in w.curves.get(layer, []) if r["method"] in methods]
 if rows:
@@ -77,7 +84,7 @@ if rows:
 
 spec = {label(m): v.tolist() for m, v in weighted_spectra({m: decs[m] for m in methods}).items()}
 st.plotly_chart(charts.spectra(spec, "singular values of each method's weighted matrix L_outᵀ W L_in", "singular value",
-                               colors={label(m): COLORS[m] for m in methods}), config=charts.EXPORT_CONFIG, key="c_spec")
+                               colors={label(m): color(m) for m in methods}), config=charts.EXPORT_CONFIG, key="c_spec")
 st.caption("Each spectrum is in its own method's units; its tail energy ½ Σ_{i>r} s_i² is that method's predicted loss.")
 
 # --- measured loss increase on demand
@@ -87,14 +94,16 @@ st.caption(f"Compress only this layer at rank {rank} and measure the change of t
 if st.button("Measure at this rank", disabled=busy()):
     def measure(progress, cancel):
         base = exp.task.measured_loss(exp.model, exp.calib_batches)
+        out = {}
         for i, m in enumerate(methods):
             if cancel.is_set():
                 break
             progress(i, len(methods), f"measuring {label(m)}")
-            w.measured[(layer, m, rank)] = measured_increase(exp.model, exp.task, exp.calib_batches, decs[m], rank, base)
+            out[(layer, m, rank)] = measured_increase(exp.model, exp.task, exp.calib_batches, decs[m], rank, base)
         progress(len(methods), len(methods), "done")
+        return out
 
-    start_job("Measuring loss increase", measure)
+    start_job("Measuring loss increase", measure, on_done=w.measured.update)
 job_panel("Measuring loss increase")
 found = [(m, r, v) for (lay, m, r), v in w.measured.items() if lay == layer]
 if found:

@@ -7,7 +7,8 @@ import streamlit as st
 
 from gfwsvd_core import pipeline
 from gfwsvd_core.jobs import run_steps
-from gfwsvd_ui.state import METHODS, busy, job_panel, shared_model, start_job, ws
+from gfwsvd_core.tasks import available_tasks, task_class
+from gfwsvd_ui.state import METHODS, busy, job_panel, reset, shared_model, start_job, ws
 
 st.title("Model & data")
 st.caption("The embedded default (all-MiniLM-L6-v2 on Python's own help topics) needs no setup: press the two buttons.")
@@ -17,8 +18,9 @@ s = {**pipeline.DEFAULTS, **w.settings}
 with st.form("settings"):
     c1, c2 = st.columns(2)
     model = c1.text_input("Model", value=s["model"], help="'default' = bundled all-MiniLM-L6-v2; or a Hugging Face id or a local folder")
-    task = c2.selectbox("Task", ["auto", "retrieval", "causal-lm", "classification"],
-                        index=["auto", "retrieval", "causal-lm", "classification"].index(s["task"] or "auto"))
+    tasks = ["auto", *available_tasks()]
+    task = c2.selectbox("Task", tasks, index=tasks.index(s["task"] or "auto"),
+                        format_func=lambda t: "auto (from the model's config)" if t == "auto" else task_class(t).label)
     source = c1.radio("Calibration text", ["Default corpus (pydoc topics)", "Hugging Face dataset", "Upload a file"],
                       horizontal=True)
     dataset = c2.text_input("HF dataset (name or name:config)", value="" if s["calib"] == "default" else str(s["calib"]))
@@ -70,12 +72,10 @@ if submitted:
             exp.time_estimate()  # measured once here, in the background; the page reads the cached value
         except Exception:  # an estimate must never block loading
             pass
-        w.exp, w.ranks, w.sweep, w.compressed, w.measured, w.curves, w.curve_errors = exp, {}, None, None, {}, {}, {}
-        w.export_zip = None
         progress(3, 3, "done")
         return exp
 
-    start_job("Loading model and data", load)
+    start_job("Loading model and data", load, on_done=lambda exp: reset(w, exp))
 
 job_panel("Loading model and data")
 
@@ -106,14 +106,14 @@ st.caption(
 
 if st.button("Collect statistics", type="primary", disabled=busy()):
     def collect(progress, cancel):
-        steps = [("statistics", lambda progress, cancel: pipeline.collect(exp, METHODS, progress=progress, cancel=cancel))]
+        new = exp.fork()  # the page keeps showing ``exp`` until the job's result is swapped in
+        steps = [("statistics", lambda progress, cancel: pipeline.collect(new, METHODS, progress=progress, cancel=cancel))]
         for m in METHODS:
-            steps.append((m, lambda progress, cancel, m=m: pipeline.decompositions(exp, m, progress=progress, cancel=cancel)))
+            steps.append((m, lambda progress, cancel, m=m: pipeline.decompositions(new, m, progress=progress, cancel=cancel)))
         run_steps(steps, progress=progress, cancel=cancel)
-        w.ranks, w.sweep, w.compressed, w.curves, w.curve_errors, w.measured = {}, None, None, {}, {}, {}
-        w.export_zip = None
+        return new
 
-    start_job("Collecting statistics", collect)
+    start_job("Collecting statistics", collect, on_done=lambda new: reset(w, new))
 
 job_panel("Collecting statistics")
 

@@ -8,7 +8,7 @@ from gfwsvd_core import pipeline
 from gfwsvd_core.explore import rank_grid
 from gfwsvd_core.ranks import budget_ranks, kept_params, uniform_ranks, validate_ranks
 from gfwsvd_ui import charts
-from gfwsvd_ui.state import METHODS, busy, job_panel, label, require_stats, short, start_job, ws
+from gfwsvd_ui.state import METHODS, busy, job_panel, label, loss_units, require_stats, short, start_job, ws
 
 st.title("Ranks")
 exp = require_stats()
@@ -37,7 +37,7 @@ with c2:
             st.session_state["editor_version"] += 1
         except ValueError as exc:
             st.error(f"{exc}. Raise the budget, or fill uniform ranks instead.")
-    if method in ("svd", "fwsvd"):
+    if not loss_units(method):
         st.caption("⚠ This method's predicted losses are not in loss units, so a global budget compares unlike "
                    "quantities across layers; K-FAC or GFWSVD keep the Fisher scale.")
 
@@ -118,9 +118,9 @@ if st.button("Run sweep", disabled=busy()):
         st.stop()
 
     def run(progress, cancel):
-        w.sweep = pipeline.run_sweep(exp, sweep_methods, ratios, progress=progress, cancel=cancel)
+        return pipeline.run_sweep(exp, sweep_methods, ratios, progress=progress, cancel=cancel)
 
-    start_job("Running sweep", run)
+    start_job("Running sweep", run, on_done=lambda rep: setattr(w, "sweep", rep))
 job_panel("Running sweep")
 if w.sweep:
     rows = w.sweep["rows"]

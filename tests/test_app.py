@@ -207,9 +207,13 @@ def test_ranks_page(loaded):
     assert len(charts(at)) >= 2  # heatmap + one chart per metric
 
 
-def test_export_page(loaded, tmp_path):
+def test_export_page(loaded, tmp_path, monkeypatch):
+    import torch
+
     from gfwsvd_core.io import load_compressed
 
+    root = tmp_path / "out-root"
+    monkeypatch.setenv("GFWSVD_OUTPUT_ROOT", str(root))
     at = loaded
     at.switch_page("pages/export.py").run()
     assert not at.exception
@@ -218,7 +222,10 @@ def test_export_page(loaded, tmp_path):
     at.run()
     wait_job(at)
     assert not errors(at)
-    assert len(at.dataframe) >= 1  # metrics, dense vs compressed
+    comp, rep = at.session_state["ws"].compressed
+    metrics = at.dataframe[0].value
+    assert list(metrics["metric"]) == list(rep["metrics"])  # one row per metric, dense vs compressed
+    assert [w.value for w in at.warning] == rep["warnings"]  # every fallback on screen, none invented
     button(at, "Prepare zip").click()
     at.run()
     wait_job(at)  # written and zipped in the background
@@ -226,13 +233,34 @@ def test_export_page(loaded, tmp_path):
     data = at.session_state["ws"].export_zip
     zipfile.ZipFile(io.BytesIO(data)).extractall(tmp_path)
     model = load_compressed(tmp_path / "compressed")
-    assert sum(p.numel() for p in model.parameters()) > 0
+    exp = at.session_state["ws"].exp
+    batch = {k: v for k, v in exp.eval_batches[0].items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).last_hidden_state, comp.model(**batch).last_hidden_state)
 
-    at.text_input(key="export_path").set_value("/proc/not-writable/here").run()
+    # Save to a path: inside the output root only, never into a non-empty folder
+    for outside in ("../elsewhere", str(tmp_path / "elsewhere"), "/proc/not-writable/here"):
+        at.text_input(key="export_path").set_value(outside).run()
+        button(at, "Save").click()
+        at.run()
+        assert not at.exception
+        assert any("outside the output root" in e for e in errors(at)), errors(at)
+    assert not (tmp_path / "elsewhere").exists()
+    busy_dir = root / "taken"
+    busy_dir.mkdir(parents=True)
+    (busy_dir / "mine.txt").write_text("keep me")
+    at.text_input(key="export_path").set_value("taken").run()
     button(at, "Save").click()
     at.run()
-    assert not at.exception
-    assert any("Choose a folder you can write to" in e for e in errors(at))
+    assert any("is not empty" in e for e in errors(at)), errors(at)
+    assert [p.name for p in busy_dir.iterdir()] == ["mine.txt"] and (busy_dir / "mine.txt").read_text() == "keep me"
+    at.text_input(key="export_path").set_value("run-1").run()
+    button(at, "Save").click()
+    at.run()
+    assert not errors(at)
+    assert [s.value for s in at.success] == [f"Saved to {root.resolve() / 'run-1'}"]
+    torch.testing.assert_close(load_compressed(root / "run-1")(**batch).last_hidden_state,
+                               comp.model(**batch).last_hidden_state)
 
 
 def test_user_errors_are_messages_not_tracebacks(tmp_path):
@@ -281,3 +309,99 @@ def test_cancelled_job_is_a_message(loaded, monkeypatch):
     wait_job(at, timeout=10)
     assert any("was cancelled" in w.value and "again" in w.value for w in at.warning)
     assert not errors(at) and not at.exception
+
+
+# ------------------------------------------------------------------ one registry, results, cache
+
+
+def test_the_app_reads_methods_and_tasks_from_the_registries():
+    from gfwsvd_core.methods import available_methods, explorer_methods, method_class
+    from gfwsvd_core.tasks import available_tasks
+    from gfwsvd_ui import state
+
+    assert state.METHODS == explorer_methods() == ["svd", "fwsvd", "kfac", "gfwsvd"]
+    for m in available_methods():
+        cls = method_class(m)
+        assert (state.label(m), state.color(m), state.loss_units(m)) == (cls.label, cls.color, cls.loss_units)
+    assert state.label("dense") == "dense" and state.color("dense") == state.DENSE_COLOR
+    # no page or UI helper keeps its own table of method names, colours or tasks
+    root = Path(APP).parent
+    for f in [*root.glob("pages/*.py"), *root.glob("gfwsvd_ui/*.py")]:
+        text = f.read_text()
+        for fragment in ('"svd", "fwsvd"', '"#d62728"', '"retrieval", "causal-lm"', 'in ("svd", "fwsvd")'):
+            assert fragment not in text, (f.name, fragment)
+    from gfwsvd_core.tasks import task_class
+
+    at = new_app()
+    task_box = [s for s in at.selectbox if s.label == "Task"][0]
+    assert task_box.options == ["auto (from the model's config)"] + [task_class(t).label for t in available_tasks()]
+
+
+def test_job_results_are_swapped_in_only_when_done():
+    import threading
+
+    from gfwsvd_core.jobs import Job
+    from gfwsvd_ui.state import Workspace, apply_finished
+
+    w = Workspace()
+    gate = threading.Event()
+
+    def fn(progress, cancel):
+        gate.wait(10)
+        return {"rows": [1, 2]}
+
+    w.job = Job("sweep", fn)
+    w.on_done = lambda result: setattr(w, "sweep", result)
+    assert not apply_finished(w) and w.sweep is None  # running: nothing half-written
+    gate.set()
+    w.job.wait(10)
+    assert apply_finished(w) and w.sweep == {"rows": [1, 2]}
+    w.sweep = None
+    assert not apply_finished(w) and w.sweep is None  # applied once
+
+    def broken(progress, cancel):
+        raise RuntimeError("a bug")
+
+    w.job = Job("broken", broken).wait(10)
+    assert apply_finished(w) and w.sweep is None and not w.job.user_error
+    from gfwsvd_core.errors import DataError
+
+    def user(progress, cancel):
+        raise DataError("bad data")
+
+    assert Job("user", user).wait(10).user_error
+
+
+def test_shared_model_cache_locks_per_key_and_evicts(monkeypatch):
+    import threading
+
+    from gfwsvd_ui import state
+
+    monkeypatch.setattr(state, "_MODELS", state.collections.OrderedDict())
+    monkeypatch.setattr(state, "MAX_MODELS", 2)
+    calls: list[str] = []
+    slow_started, release = threading.Event(), threading.Event()
+
+    def loader(name, task=None, device=None):
+        calls.append(name)
+        if name == "slow":
+            slow_started.set()
+            release.wait(10)
+        return f"bundle:{name}"
+
+    results = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, state.shared_model("slow", None, None, loader)))
+               for i in range(3)]
+    for t in threads:
+        t.start()
+    assert slow_started.wait(10)
+    # another model loads while "slow" is still loading: no global lock held while loading
+    assert state.shared_model("fast", None, None, loader) == "bundle:fast"
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert set(results.values()) == {"bundle:slow"} and calls.count("slow") == 1  # loaded once for three sessions
+    state.shared_model("third", None, None, loader)
+    assert list(state._MODELS) == [("slow", None, None), ("third", None, None)]  # "fast" was least recently used
+    state.shared_model("fast", None, None, loader)
+    assert calls.count("fast") == 2

@@ -1,9 +1,10 @@
-"""The explorer in a real browser: Playwright's Python API driving Debian's Chromium (design.md 7).
+"""The explorer in a real browser: Playwright's Python API driving Debian's Chromium.
 
 One flow on the embedded default model with a small sample: load, collect statistics, open every
 page from the sidebar, check that charts render and no exception element appears, move a rank,
 compress, evaluate, download the zip and load it with ``load_compressed``. A full-page screenshot
-of each page is written to ``assets/screenshots/<page>.png`` (used by the README).
+of each page is taken; it replaces ``assets/screenshots/<page>.png`` (used by the README) only
+when ``GFWSVD_SCREENSHOTS=1`` is set, and goes to a temporary folder otherwise.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (Python
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 ROOT = Path(__file__).resolve().parents[1]
-SHOTS = ROOT / "assets" / "screenshots"
+SHOTS = ROOT / "assets" / "screenshots" if os.environ.get("GFWSVD_SCREENSHOTS") == "1" else None
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run", "--disable-quic"]
 LONG = 420_000  # ms: statistics on the default model on a 2-core CPU (busy machines are slow)
@@ -96,7 +97,7 @@ def no_exception(page) -> None:
     assert page.locator(EXCEPTION).count() == 0, page.locator(EXCEPTION).first.inner_text()
 
 
-def shot(page, name: str) -> None:
+def shot(page, name: str, folder=None) -> None:
     """Full-page screenshot: Streamlit scrolls inside its main container, so grow the viewport to fit."""
     page.wait_for_timeout(800)  # let plotly finish its transitions
     height = page.evaluate(
@@ -105,8 +106,9 @@ def shot(page, name: str) -> None:
     size = page.viewport_size
     page.set_viewport_size({"width": size["width"], "height": min(max(int(height) + 40, 900), 6000)})
     page.wait_for_timeout(800)
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    folder = SHOTS or folder
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
     page.set_viewport_size(size)
 
 
@@ -153,13 +155,13 @@ def test_explorer_end_to_end(server, page, tmp_path):
     page.locator('[data-testid="stDataFrame"]').first.wait_for()
     assert page.locator('[data-testid="stSidebarUserContent"]').get_by_text("statistics: collected").is_visible()
     no_exception(page)
-    shot(page, "model_data")
+    shot(page, "model_data", tmp_path)
 
     # --- Fisher factors: two spectra, four factor heatmaps, the diagonal Fisher
     go(page, "Fisher factors")
     charts_render(page, 7)
     page.locator('[data-testid="stDataFrame"]').first.wait_for()
-    shot(page, "factors")
+    shot(page, "factors", tmp_path)
 
     # --- Layer lab: curves computed in the background, then a rank moved with the keyboard
     go(page, "Layer lab")
@@ -176,7 +178,7 @@ def test_explorer_end_to_end(server, page, tmp_path):
     for _ in range(4):
         slider.press("ArrowLeft")
     charts_render(page, 5)
-    shot(page, "layer_lab")
+    shot(page, "layer_lab", tmp_path)
 
     # --- Ranks: uniform ranks at a lower ratio change the parameter count
     go(page, "Ranks")
@@ -208,7 +210,7 @@ def test_explorer_end_to_end(server, page, tmp_path):
     timings["sweep (2 methods x 2 ratios)"] = time.time() - t
     charts_render(page, 3)  # heatmap + at least two metric charts
     page.locator('[data-testid="stDataFrame"]').last.wait_for()
-    shot(page, "ranks")
+    shot(page, "ranks", tmp_path)
 
     # --- Export: compress, evaluate, zip, download, load again
     go(page, "Export")
@@ -220,7 +222,7 @@ def test_explorer_end_to_end(server, page, tmp_path):
     download_button = page.get_by_role("button", name="Download compressed model (.zip)")
     download_button.wait_for(timeout=120_000)
     no_exception(page)
-    shot(page, "export")
+    shot(page, "export", tmp_path)
     with page.expect_download() as info:
         download_button.click()
     path = tmp_path / "model.zip"

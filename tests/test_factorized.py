@@ -9,7 +9,7 @@ from transformers.pytorch_utils import Conv1D
 
 from gfwsvd_core.factorized import LowRankLinear, parameter_count, replace_layer, to_dense
 from gfwsvd_core.layers import get_weight
-from tests.tiny_models import tiny_gpt2
+from tiny_models import tiny_gpt2
 
 
 def _random_low_rank(m: int, n: int, r: int, bias: bool = True, seed: int = 0) -> LowRankLinear:

@@ -84,16 +84,30 @@ def test_timings_are_per_run_not_accumulated(exp):
             max(v["cpu_peak_mb"] for v in rep["stages"].values() if "cpu_peak_mb" in v), abs=0.1)
 
 
-def test_stage_peak_is_the_stage_not_the_process():
-    from gfwsvd_core.meter import measure
+STAGE_PEAK_CHILD = """
+import json, torch
+from gfwsvd_core.meter import measure
+with measure() as big:
+    x = torch.ones(256 * 2**20 // 4)
+    del x
+with measure() as small:
+    torch.ones(16)
+print(json.dumps([big.as_dict(), small.as_dict()]))
+"""
 
-    with measure() as big:
-        x = torch.ones(64 * 2**20 // 4)  # 64 MiB
-        del x
-    with measure() as small:
-        torch.ones(16)
-    assert big.cpu_peak_extra_mb > 50
-    assert small.cpu_peak_extra_mb < 20  # the earlier 64 MiB peak is not counted again
+
+def test_stage_peak_is_the_stage_not_the_process():
+    # A fresh process: in the test process, memory freed by earlier tests can be reused without
+    # raising the resident size, which would (correctly) report no extra memory.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", STAGE_PEAK_CHILD], capture_output=True, text=True, check=True)
+    big, small = json.loads(out.stdout.strip().splitlines()[-1])
+    if big["scope"] != "stage":
+        pytest.skip("this system cannot reset the resident high-water mark")
+    assert big["cpu_peak_extra_mb"] > 200
+    assert small["cpu_peak_extra_mb"] < 20  # the earlier 256 MiB peak is not counted again
 
 
 # ---------------------------------------------------------------- 6. skipped texts

@@ -20,7 +20,7 @@ from gfwsvd_core.io import (
     save_compressed,
 )
 from gfwsvd_core.layers import weight_shape
-from tests.tiny_models import VOCAB, tiny_bert, tiny_gpt2, tiny_llama, tokenizer
+from tiny_models import VOCAB, tiny_bert, tiny_gpt2, tiny_llama, tokenizer
 
 CASES = {
     "bert": (

@@ -20,8 +20,8 @@ from gfwsvd_core.io import (
     save_compressed,
 )
 from gfwsvd_core.meter import measure
-from tests.test_io import _compress, _output
-from tests.tiny_models import tokenizer
+from test_io import _compress, _output
+from tiny_models import tokenizer
 
 MiB = 2**20
 

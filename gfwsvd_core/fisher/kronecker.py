@@ -313,13 +313,26 @@ def _fisher_norm(S: _Samples, stats: Optional[LayerStats]) -> tuple[float, bool]
     return out
 
 
+#: a factor whose Cholesky succeeds at this relative shift has negative eigenvalue mass below it
+PSD_CHECK_SHIFT = 1e-8  # 100x below the default damping
+
+
 def _psd_projection(M: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Nearest PSD matrix (negative eigenvalues clipped) and the clipped mass ``sum|l-| / sum|l|``.
 
     Rounding leaves eigenvalues of about -1e-8 relative on float32 factors; left in, they make the
-    Cholesky at a small requested damping fail and the damping climb. The mass must be ~0: a large
-    one means the factor itself is wrong, and it is reported per layer."""
-    M = 0.5 * (M + M.T)
+    Cholesky at a small requested damping fail and the damping climb. A Cholesky at a shift of
+    :data:`PSD_CHECK_SHIFT` (relative) first proves most factors PSD to that level (mass reported
+    as 0); the others are eigendecomposed and clipped. All in float64, which the factors keep:
+    a float32 rebuild would bring the negative eigenvalues back. The mass must be ~0; a large one
+    means the factor itself is wrong, and it is reported per layer."""
+    M = 0.5 * (M + M.T).double()
+    d = M.shape[0]
+    scale = float(torch.diagonal(M).sum()) / d
+    if scale > 0:
+        _, info = torch.linalg.cholesky_ex(M + PSD_CHECK_SHIFT * scale * torch.eye(d, dtype=M.dtype, device=M.device))
+        if int(info) == 0:
+            return M, 0.0
     evals, evecs = torch.linalg.eigh(M)
     neg = evals.clamp(max=0)
     total = float(evals.abs().sum())
@@ -353,8 +366,7 @@ def _krylov(S: _Samples, A0, tol, max_steps, refine):
         u, v = -u, -v
     u, v = 0.5 * (u + u.T), 0.5 * (v + v.T)
     root = math.sqrt(max(r.s1, 0.0))
-    out = A0.dtype if A0.dtype == torch.float64 else torch.float32
-    A, B = (u * root).to(out), (v * root).to(out)
+    A, B = u * root, v * root  # float64 from the Krylov basis; the PSD projection keeps them so
     return A, B, r.s1, r.s2, steps + refined, r.converged, r.history, r.bound, refined
 
 
