@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from gfwsvd_ui.state import ws
+from gfwsvd_ui.state import filler_panel, ws
 
 st.set_page_config(page_title="gfwsvd explorer", page_icon=":material/compress:", layout="wide")
 
@@ -27,5 +27,6 @@ with st.sidebar:
         st.write("statistics: " + ("collected" if exp.stats else "not yet"))
     if w.job is not None and w.job.running:
         st.write(f"⏳ {w.job.name}: {w.job.message}")
+    filler_panel()
 
 nav.run()

@@ -105,9 +105,9 @@ def sweep_curves(rows: Sequence[dict], metric: str, higher_is_better: bool) -> g
 def rank_heatmap(layers: Sequence[str], ranks_grid: Sequence[int], z, chosen: Mapping[str, object],
                  title: str = "predicted loss increase per layer and rank") -> go.Figure:
     """Layer x rank heatmap of predicted loss (log10); chosen ranks marked; click to choose."""
-    finite = [v for row in z for v in row if v > -29]  # -30 = a predicted loss of exactly 0
+    finite = [v for row in z for v in row if v is not None and v > -29]  # -30 = a predicted loss of exactly 0
     zmin = min(finite, default=-30.0)
-    z = [[max(v, zmin) for v in row] for row in z]
+    z = [[None if v is None else max(v, zmin) for v in row] for row in z]  # None: still computing
     fig = go.Figure(go.Heatmap(z=z, x=[str(r) for r in ranks_grid], y=list(layers), colorscale="Viridis",
                                colorbar=dict(title="log10 loss", thickness=10),
                                hovertemplate="layer %{y}<br>rank %{x}<br>log10 predicted loss %{z:.2f}<extra></extra>"))

@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 
 import streamlit as st
 
+from gfwsvd_core import background
 from gfwsvd_core.jobs import Job
 from gfwsvd_core.methods import available_methods, explorer_methods, method_class
 
@@ -52,6 +53,8 @@ class Workspace:
     notice: str = ""
     on_done: Optional[Callable[[Any], None]] = None  # applies the job's result, in the script thread
     applied: Optional[Job] = None  # the job whose result was applied
+    filler: Any = None  # gfwsvd_core.background.Filler: per-layer decompositions after the statistics
+    awaited: set = field(default_factory=set)  # {(method, layer)} a page waits for; redrawn when ready
 
 
 def ws() -> Workspace:
@@ -59,13 +62,75 @@ def ws() -> Workspace:
         st.session_state["ws"] = Workspace()
     w = st.session_state["ws"]
     apply_finished(w)
+    if w.exp is not None:
+        background.adopt(w.exp, w.filler)
     return w
 
 
 def reset(w: Workspace, exp: Any) -> None:
-    """A new experiment (or new statistics): everything computed from the old one goes."""
+    """A new experiment (or new statistics): everything computed from the old one goes, and the
+    decompositions of the new statistics start filling in the background."""
     w.exp, w.ranks, w.sweep, w.compressed, w.measured, w.curves, w.curve_errors = exp, {}, None, None, {}, {}, {}
     w.export_zip = None
+    w.awaited = set()
+    if w.filler is not None:
+        w.filler.cancel()
+        w.filler = None
+    if exp is not None and exp.stats:
+        start_filling(w)
+
+
+def start_filling(w: Workspace, first: Optional[str] = None) -> None:
+    """Compute every explorer method's missing decompositions in the background (cheap ones first)."""
+    if w.filler is not None and w.filler.running:
+        return
+    todo = [m for m in METHODS if m not in w.exp.decompositions]
+    if todo:
+        w.filler = background.fill(w.exp, todo, first=first)
+
+
+def decompositions(method: str, layer: Optional[str] = None) -> dict:
+    """The finished per-layer decompositions of ``method`` ({layer: decomposition}, possibly only
+    some layers while the background filler runs). ``layer``: the page needs this one, so it is
+    computed next and the page is redrawn when it is ready."""
+    w = ws()
+    exp = w.exp
+    if method in exp.decompositions:
+        return exp.decompositions[method]
+    f = w.filler
+    if f is None or method not in f.methods:
+        return {}
+    if layer is not None and not f.has(method, layer):
+        f.prioritise(layer, method)
+        w.awaited.add((method, layer))
+    elif layer is None and not f.complete(method):
+        w.awaited.add((method, None))
+    return f.ready(method)
+
+
+def complete(method: str) -> bool:
+    """Whether every layer of ``method`` is decomposed."""
+    w = ws()
+    return method in w.exp.decompositions
+
+
+def fill_status(method: str) -> str:
+    """'12 of 36 layers ready' (or why none will come) for a method still being decomposed."""
+    w = ws()
+    f = w.filler
+    if f is None or method not in f.methods:
+        return "not computed (collect the statistics again)"
+    if method in f.errors:
+        return f"failed at {f.errors[method]}"
+    done, total = f.progress(method)
+    if not f.running and done < total:
+        return f"stopped at {done} of {total} layers"
+    return f"{done} of {total} layers ready"
+
+
+def pending_methods() -> list[str]:
+    w = ws()
+    return [m for m in METHODS if w.exp is not None and w.exp.stats and m not in w.exp.decompositions]
 
 
 def apply_finished(w: Workspace) -> bool:
@@ -205,10 +270,54 @@ def require_experiment() -> Any:
     return w.exp
 
 
+def filler_panel() -> None:
+    """Sidebar progress of the background decompositions, a cancel/resume button, and a redraw of
+    the page once something it waits for is ready."""
+
+    @st.fragment(run_every=1.0)
+    def panel():
+        w = ws()
+        if w.exp is None or not w.exp.stats:
+            return
+        f = w.filler
+        todo = pending_methods()
+        if not todo:
+            return
+        st.caption("Decompositions (the layer on screen first):")
+        for m in todo:
+            st.caption(f"{'⏳' if f is not None and f.running else '⏸'} {label(m)}: {fill_status(m)}")
+        if f is not None and f.running:
+            if st.button("Stop computing", key="filler-cancel", help="finished layers stay; resume any time"):
+                f.cancel()
+        elif st.button("Resume", key="filler-resume", help="compute the remaining decompositions"):
+            start_filling(w)
+            st.rerun()
+        if f is not None and w.awaited:
+            ready = {a for a in w.awaited if (f.has(*a) if a[1] is not None else f.complete(a[0]))
+                     or a[0] in f.errors}
+            if ready:
+                w.awaited -= ready
+                st.rerun()  # the whole page: what it waited for is ready
+
+    panel()
+
+
+def pending_note(method: str, what: str = "this page") -> None:
+    """An on-page marker that ``method``'s decompositions are still being computed."""
+    w = ws()
+    f = w.filler
+    if f is not None and method in f.errors:
+        st.error(f"{label(method)}'s decomposition failed ({f.errors[method]}); {what} cannot use it. "
+                 + ("Fix the input and collect again." if method in f.user_errors else "This is a bug in gfwsvd."))
+    else:
+        st.info(f"⏳ {label(method)} is still being computed ({fill_status(method)}); {what} fills in when it is "
+                "ready. The other methods can be used meanwhile.")
+
+
 def require_stats() -> Any:
     exp = require_experiment()
-    if exp.stats is None or not set(METHODS) <= set(exp.decompositions):
-        st.info("Collect statistics on the **Model & data** page first (it also prepares every method's decomposition).")
+    if exp.stats is None:
+        st.info("Collect statistics on the **Model & data** page first.")
         st.page_link("pages/model_data.py", label="Go to Model & data", icon=":material/database:")
         st.stop()
     return exp

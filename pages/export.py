@@ -10,7 +10,7 @@ import streamlit as st
 from gfwsvd_core import pipeline
 from gfwsvd_core.errors import GfwsvdUserError
 from gfwsvd_core.io import output_root, resolve_output_folder, save_compressed
-from gfwsvd_ui.state import METHODS, busy, job_panel, label, require_stats, start_job, ws
+from gfwsvd_ui.state import METHODS, busy, complete, decompositions, job_panel, label, pending_note, require_stats, start_job, ws
 
 st.title("Export")
 exp = require_stats()
@@ -22,7 +22,10 @@ method = st.selectbox("Method", METHODS, index=METHODS.index(w.rank_method), for
 dense = sum(1 for r in w.ranks.values() if r is None)
 st.caption(f"{len(w.ranks) - dense} layers factorised, {dense} kept dense; ranks from the Ranks page.")
 
-if st.button("Compress and evaluate", type="primary", disabled=busy()):
+if not complete(method):
+    decompositions(method)  # redraw when it is complete
+    pending_note(method, "compressing with it")
+if st.button("Compress and evaluate", type="primary", disabled=busy() or not complete(method)):
     ranks = dict(w.ranks) or None
 
     def work(progress, cancel):

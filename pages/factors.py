@@ -4,11 +4,10 @@ import streamlit as st
 
 from gfwsvd_core.explore import kronecker_table, pool, spectrum
 from gfwsvd_ui import charts
-from gfwsvd_ui.state import color, label, require_stats, short
+from gfwsvd_ui.state import color, decompositions, label, pending_note, require_stats, short
 
 st.title("Fisher factors")
 exp = require_stats()
-decs = exp.decompositions["gfwsvd"]
 
 with st.expander("What am I looking at?", expanded=False):
     st.markdown(
@@ -17,7 +16,7 @@ A layer's empirical Fisher `F = 1/K Σ vec(G_k) vec(G_k)ᵀ` (one `G_k` per cali
 the loss reacts to a weight change `dW`: `ΔL ≈ ½ vec(dW)ᵀ F vec(dW)`. It is `mn × mn`, far too big to
 store, so GFWSVD fits the **nearest Kronecker product** `F ≈ A ⊗ B`: `A` (in × in) weighs input
 directions, `B` (out × out) output directions. The fit is the top singular pair of a rearranged `F`,
-found by alternating least squares without ever forming `F`.
+found by a Krylov (Lanczos) solver on maps that never form `F` (alternating least squares is the option).
 
 **K-FAC** builds a Kronecker product differently: the product of the input second moment `E[x xᵀ]` and
 the output-gradient second moment `E[d dᵀ]`, assuming inputs and gradients are independent. Where the
@@ -27,10 +26,16 @@ Fisher** is what FWSVD uses: one number per weight, no correlations.
 """
     )
 
-names = list(decs)
-layer = st.selectbox("Layer", names, format_func=short, key="factors_layer",
+names = list(exp.stats)
+ready = decompositions("gfwsvd")
+layer = st.selectbox("Layer", names, key="factors_layer", format_func=short,
+                     help=None if len(ready) == len(names) else f"{len(ready)} of {len(names)} layers ready",
                      index=names.index(st.session_state.get("factors_layer_v", names[0])) if st.session_state.get("factors_layer_v") in names else 0)
 st.session_state["factors_layer_v"] = layer
+decs = decompositions("gfwsvd", layer)  # this layer next, when it is not ready yet
+if layer not in decs:
+    pending_note("gfwsvd", "this layer's factors")
+    st.stop()
 d = decs[layer]
 stats = exp.stats[layer]
 A, B = d.factors
@@ -41,7 +46,7 @@ c = st.columns(6)
 c[0].metric("captured energy η", f"{k.get('eta', float('nan')):.3f}", help="share of ‖F‖² explained by A ⊗ B")
 c[1].metric("fit error √(1−η)", f"{k.get('fit_error', float('nan')):.3f}")
 c[2].metric("gap s₂/s₁", f"{k.get('gap', float('nan')):.3f}", help="near 1: the Kronecker factors are ill-determined")
-c[3].metric("ALS sweeps", k.get("sweeps"))
+c[3].metric("solver steps", k.get("sweeps"), help=f"{k.get('method', '')}: Krylov (Lanczos) steps, or ALS sweeps")
 c[4].metric("damping, output side", f"{d.info.get('left_damping', 0):.0e}", help="added to B before its root (relative)")
 c[5].metric("damping, input side", f"{d.info.get('right_damping', 0):.0e}", help="added to A before its root (relative)")
 if d.info.get("left_fell_back") or d.info.get("right_fell_back"):
@@ -79,6 +84,8 @@ st.plotly_chart(charts.heatmap(pool(diag.clamp_min(1e-30).log10()), "diagonal Fi
                 config=charts.EXPORT_CONFIG, key="hm_diag")
 
 st.subheader("Kronecker diagnostics, all layers")
+if len(decs) < len(names):
+    st.caption(f"{len(decs)} of {len(names)} layers ready; the others are still being computed.")
 table = [{**r, "layer": short(r["layer"])} for r in kronecker_table(decs)]
 st.dataframe(table, hide_index=True, width="stretch",
              column_config={"eta": st.column_config.NumberColumn(format="%.3f"),

@@ -5,8 +5,9 @@ import streamlit as st
 from gfwsvd_core.evaluate import measured_increase
 from gfwsvd_core.explore import kron_quadratic, layer_curves, weighted_spectra
 from gfwsvd_core.layers import get_weight
+from gfwsvd_core.ranks import break_even_rank
 from gfwsvd_ui import charts
-from gfwsvd_ui.state import METHODS, color, busy, job_panel, label, require_stats, short, start_job, ws
+from gfwsvd_ui.state import METHODS, busy, color, decompositions, job_panel, label, pending_note, require_stats, short, start_job, ws
 
 st.title("Layer lab")
 exp = require_stats()
@@ -23,10 +24,16 @@ methods = st.multiselect("Methods", METHODS, default=METHODS, format_func=label,
 if not methods:
     st.warning("Pick at least one method.")
     st.stop()
-decs = {m: exp.decompositions[m][layer] for m in METHODS}
+ready = {m: decompositions(m, layer) for m in METHODS}  # this layer first for the methods still computing
+decs = {m: ready[m][layer] for m in METHODS if layer in ready[m]}
+for m in [m for m in methods if m not in decs]:
+    pending_note(m, "its column and curves")
+methods = [m for m in methods if m in decs]
+if not methods:
+    st.stop()
 W = get_weight(exp.model.get_submodule(layer))
 max_rank = min(W.shape)
-breakeven = W.shape[0] * W.shape[1] / (W.shape[0] + W.shape[1])
+breakeven = break_even_rank(*W.shape)
 
 rank = st.slider("Rank r", 1, max_rank, min(max_rank, max(1, int(breakeven // 2))), key="lab_rank",
                  help=f"break-even rank {breakeven:.0f}: above it the factorised layer is larger than the dense one")
@@ -43,6 +50,8 @@ for col, m in zip(cols, methods):
 if layer in w.curve_errors:
     st.error(f"Could not compute the rank curves of this layer: {w.curve_errors[layer]}. "
              "Pick another layer, or collect the statistics again.")
+elif layer not in w.curves and len(decs) < len(METHODS):
+    st.info("The rank curves are drawn once every method's decomposition of this layer is ready.")
 elif layer not in w.curves and busy():
     st.info(f"The rank curves are computed once '{w.job.name}' has finished; come back to this page then.")
 elif layer not in w.curves:
@@ -112,6 +121,6 @@ if found:
         dec = decs[m]
         dW = W.double() - dec.decomposition.reconstruct(r)
         table.append({"method": label(m), "rank": r, "measured increase": v,
-                      "Kronecker predicted": kron_quadratic(dW, *decs["gfwsvd"].factors),
+                      "Kronecker predicted": kron_quadratic(dW, *decs["gfwsvd"].factors) if "gfwsvd" in decs else None,
                       "exact quadratic": exp.stats[layer].quadratic(dW)})
     st.dataframe(table, hide_index=True, width="stretch")

@@ -6,7 +6,6 @@ from pathlib import Path
 import streamlit as st
 
 from gfwsvd_core import pipeline
-from gfwsvd_core.jobs import run_steps
 from gfwsvd_core.tasks import available_tasks, task_class
 from gfwsvd_ui.state import METHODS, busy, job_panel, reset, shared_model, start_job, ws
 
@@ -94,8 +93,9 @@ mem = sum(exp.memory_estimate().values())
 batches = len(exp.calib_batches)
 est = getattr(exp, "_time_estimate", None)  # measured by the load job (gfwsvd_core.pipeline.Experiment.time_estimate)
 if est:
-    when = (f"about **{est['statistics']:.0f} s** for the statistics pass and **{est['kronecker']:.0f} s** for the "
-            "Kronecker factors (measured on this machine), plus one weighted SVD per layer and method")
+    when = (f"about **{est['statistics']:.0f} s** for the statistics pass (measured on this machine); the pages "
+            f"are usable then, while GFWSVD's Kronecker factors (about **{est['kronecker']:.0f} s**) and one weighted "
+            "SVD per layer and method are computed in the background")
 else:
     when = f"about **{max(2, round(batches * exp.settings['max_length'] * len(exp.layers) / 9000))} s** for the statistics pass"
 st.caption(
@@ -107,12 +107,11 @@ st.caption(
 if st.button("Collect statistics", type="primary", disabled=busy()):
     def collect(progress, cancel):
         new = exp.fork()  # the page keeps showing ``exp`` until the job's result is swapped in
-        steps = [("statistics", lambda progress, cancel: pipeline.collect(new, METHODS, progress=progress, cancel=cancel))]
-        for m in METHODS:
-            steps.append((m, lambda progress, cancel, m=m: pipeline.decompositions(new, m, progress=progress, cancel=cancel)))
-        run_steps(steps, progress=progress, cancel=cancel)
+        pipeline.collect(new, METHODS, progress=progress, cancel=cancel)
         return new
 
+    # every page is usable once the statistics are in; each method's per-layer decompositions
+    # then fill in the background (cheap methods first, the layer on screen before the others)
     start_job("Collecting statistics", collect, on_done=lambda new: reset(w, new))
 
 job_panel("Collecting statistics")

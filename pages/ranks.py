@@ -6,9 +6,10 @@ import streamlit as st
 
 from gfwsvd_core import pipeline
 from gfwsvd_core.explore import rank_grid
-from gfwsvd_core.ranks import budget_ranks, kept_params, uniform_ranks, validate_ranks
+from gfwsvd_core.ranks import break_even_rank, budget_ranks, kept_params, shrinks, uniform_ranks, validate_ranks
 from gfwsvd_ui import charts
-from gfwsvd_ui.state import METHODS, busy, job_panel, label, loss_units, require_stats, short, start_job, ws
+from gfwsvd_ui.state import (METHODS, busy, complete, decompositions, fill_status, job_panel, label, loss_units,
+                            pending_note, require_stats, short, start_job, ws)
 
 st.title("Ranks")
 exp = require_stats()
@@ -17,8 +18,21 @@ w = ws()
 method = st.segmented_control("Method whose predicted losses guide the choice", METHODS, format_func=label,
                               default=w.rank_method, key="rank_method_pick") or w.rank_method
 w.rank_method = method
-decs = exp.decompositions[method]
-shapes = {n: d.shape for n, d in decs.items()}
+decs = decompositions(method)  # every layer, or those ready while the method is still computing
+shapes = {n: tuple(s.shape) for n, s in exp.stats.items()}
+if len(decs) < len(shapes):
+    pending_note(method, "the predicted losses of the remaining layers")
+NAN = float("nan")
+
+
+def predicted(name: str, rank) -> float:
+    """The method's predicted loss of ``name`` at ``rank`` (NaN while that layer is computing)."""
+    if rank is None:
+        return 0.0
+    d = decs.get(name)
+    return NAN if d is None else float(d.predicted_loss[min(rank, len(d.predicted_loss) - 1)])
+
+
 if not w.ranks:
     w.ranks = uniform_ranks(shapes, 0.5)
 st.session_state.setdefault("editor_version", 0)
@@ -31,7 +45,8 @@ with c1:
         st.session_state["editor_version"] += 1
 with c2:
     budget = st.slider("Global budget: parameters kept over all compressed layers", 0.05, 1.0, 0.5, 0.05, key="budget_ratio")
-    if st.button("Allocate by predicted loss"):
+    if st.button("Allocate by predicted loss", disabled=len(decs) < len(shapes),
+                 help=None if len(decs) == len(shapes) else f"needs every layer: {fill_status(method)}"):
         try:
             w.ranks = budget_ranks({n: d.predicted_loss for n, d in decs.items()}, shapes, budget)
             st.session_state["editor_version"] += 1
@@ -45,21 +60,20 @@ with c2:
 after, before = kept_params(shapes, w.ranks)
 total = sum(p.numel() for p in exp.model.parameters())
 model_after = total - before + after
-pred = sum(float(decs[n].predicted_loss[r]) for n, r in w.ranks.items() if r is not None)
+pred = sum(predicted(n, r) for n, r in w.ranks.items())
 m = st.columns(4)
 m[0].metric("kept, compressed layers", f"{after / before:.3f}", f"−{1 - after / before:.1%} removed", delta_color="off",
             delta_arrow="off")
 m[1].metric("kept, whole model", f"{model_after / total:.3f}", f"{model_after / 1e6:.2f} M of {total / 1e6:.2f} M",
             delta_color="off", delta_arrow="off")
 m[2].metric("dense layers", sum(1 for r in w.ranks.values() if r is None))
-m[3].metric(f"Σ predicted loss ({label(method)})", f"{pred:.3e}")
+m[3].metric(f"Σ predicted loss ({label(method)})", "computing…" if math.isnan(pred) else f"{pred:.3e}")
 
 # --- heatmap (click a cell to choose that rank)
 # ranks up to the largest break-even rank: above it every layer is cheaper dense
-grid = rank_grid(max(max(1, (mm * nn) // (mm + nn)) for mm, nn in shapes.values()), 20)
+grid = rank_grid(max(max(1, int(break_even_rank(mm, nn))) for mm, nn in shapes.values()), 20)
 layers = list(shapes)
-z = [[math.log10(max(float(decs[n].predicted_loss[min(g, len(decs[n].predicted_loss) - 1)]), 1e-30)) for g in grid]
-     for n in layers]
+z = [[math.log10(max(predicted(n, g), 1e-30)) if n in decs else None for g in grid] for n in layers]
 event = st.plotly_chart(charts.rank_heatmap([short(n) for n in layers], grid, z,
                                             {short(n): r for n, r in w.ranks.items()},
                                             title=f"predicted loss increase ({label(method)}), per layer and rank"),
@@ -73,19 +87,19 @@ if points:
     if name is not None and p.get("x") is not None:
         r = int(p["x"])
         mm, nn = shapes[name]
-        new = None if r * (mm + nn) >= mm * nn else min(r, min(mm, nn))
+        new = min(r, min(mm, nn)) if shrinks(mm, nn, r) else None
         if w.ranks.get(name) != new:
             w.ranks[name] = new
             st.session_state["editor_version"] += 1
             st.rerun()
-st.caption("Colour: log10 of the predicted loss increase at each rank. Click a cell to give that layer that rank; "
-           "a rank at or above break-even keeps the layer dense.")
+st.caption("Colour: log10 of the predicted loss increase at each rank (empty rows: still computing). Click a cell "
+           "to give that layer that rank; a rank at or above break-even keeps the layer dense.")
 
 # --- editable table
 rows = [{"layer": n, "shape": f"{shapes[n][0]}x{shapes[n][1]}", "rank": w.ranks.get(n),
-         "break-even": int(shapes[n][0] * shapes[n][1] / sum(shapes[n])),
+         "break-even": int(break_even_rank(*shapes[n])),
          "kept": (w.ranks[n] * sum(shapes[n]) / (shapes[n][0] * shapes[n][1])) if w.ranks.get(n) else 1.0,
-         "predicted loss": float(decs[n].predicted_loss[w.ranks[n]]) if w.ranks.get(n) else 0.0} for n in layers]
+         "predicted loss": predicted(n, w.ranks.get(n))} for n in layers]
 edited = st.data_editor(rows, hide_index=True, width="stretch", key=f"rank_editor_{st.session_state['editor_version']}",
                         disabled=["layer", "shape", "break-even", "kept", "predicted loss"],
                         column_config={"rank": st.column_config.NumberColumn("rank (empty = dense)", min_value=1, step=1),
@@ -105,7 +119,12 @@ st.subheader("Sweep: metrics over kept ratios")
 sc1, sc2 = st.columns([2, 1])
 sweep_methods = sc1.multiselect("Methods", METHODS, default=METHODS, format_func=label, key="sweep_methods")
 ratios_text = sc2.text_input("Kept ratios", "0.2, 0.35, 0.5, 0.7", key="sweep_ratios")
-if st.button("Run sweep", disabled=busy()):
+waiting = [m for m in sweep_methods if not complete(m)]
+for m in waiting:
+    decompositions(m)  # redraw this page when it is complete
+if waiting:
+    sc1.caption("Waiting for " + ", ".join(f"{label(m)} ({fill_status(m)})" for m in waiting))
+if st.button("Run sweep", disabled=busy() or bool(waiting)):
     try:
         ratios = [float(x) for x in ratios_text.replace(";", ",").split(",") if x.strip()]
         if not ratios or not all(0 < r <= 1 for r in ratios):

@@ -99,6 +99,11 @@ def collected(tiny_dir) -> AppTest:
     at.run()
     wait_job(at)
     assert not errors(at)
+    w = at.session_state["ws"]
+    assert w.filler is not None  # the decompositions fill in after the statistics
+    w.filler.wait(120)
+    at.run()
+    assert set(w.exp.decompositions) == {"svd", "fwsvd", "kfac", "gfwsvd"}, w.filler.errors
     return at
 
 
@@ -405,3 +410,69 @@ def test_shared_model_cache_locks_per_key_and_evicts(monkeypatch):
     assert list(state._MODELS) == [("slow", None, None), ("third", None, None)]  # "fast" was least recently used
     state.shared_model("fast", None, None, loader)
     assert calls.count("fast") == 2
+
+
+def test_pages_are_usable_while_gfwsvd_computes_and_the_layer_on_screen_comes_first(loaded, monkeypatch):
+    import threading
+
+    from gfwsvd_core import background
+    from gfwsvd_core.methods.gfwsvd import GFWSVD
+
+    gate, order = threading.Event(), []
+    real = GFWSVD.weights
+
+    def gated(self, stats):
+        gate.wait(30)
+        order.append(stats.name)
+        return real(self, stats)
+
+    monkeypatch.setattr(GFWSVD, "weights", gated)
+    at = loaded
+    w = at.session_state["ws"]
+    exp = w.exp.fork()  # the module's experiment stays complete for the other tests
+    exp.decompositions.pop("gfwsvd")
+    w.exp = exp
+    w.filler = background.fill(exp, ["gfwsvd"])
+    try:
+        layers = list(exp.stats)
+        at.switch_page("pages/factors.py").run()
+        assert not at.exception and any("still being computed" in i.value for i in at.info)
+        at.selectbox(key="factors_layer").set_value(layers[-1]).run()
+        assert not at.exception and any("still being computed" in i.value for i in at.info)
+        at.switch_page("pages/ranks.py").run()  # the other methods work meanwhile
+        assert not at.exception and any("still being computed" in i.value for i in at.info)
+        assert button(at, "Allocate by predicted loss").disabled
+        assert len(charts(at)) == 1
+        at.switch_page("pages/export.py").run()
+        assert not at.exception and button(at, "Compress and evaluate").disabled
+        at.selectbox(key="export_method").set_value("svd").run()
+        assert not button(at, "Compress and evaluate").disabled
+    finally:
+        gate.set()
+    w.filler.wait(60)
+    assert order[1] == layers[-1]  # asked for by the page while the first layer was computing
+    assert sorted(order) == sorted(layers)
+    at.switch_page("pages/factors.py").run()  # ws() adopts the finished method
+    assert not at.exception and "gfwsvd" in exp.decompositions
+    assert not any("still being computed" in i.value for i in at.info) and len(charts(at)) == 7
+
+
+def test_a_failing_background_method_is_an_error_on_its_pages_not_a_crash(loaded, monkeypatch):
+    from gfwsvd_core import background
+    from gfwsvd_core.methods.gfwsvd import GFWSVD
+
+    def broken(self, stats):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(GFWSVD, "weights", broken)
+    at = loaded
+    w = at.session_state["ws"]
+    exp = w.exp.fork()
+    exp.decompositions.pop("gfwsvd")
+    w.exp = exp
+    w.filler = background.fill(exp, ["gfwsvd"]).wait(30)
+    assert "planted failure" in w.filler.errors["gfwsvd"]
+    at.switch_page("pages/factors.py").run()
+    assert not at.exception and any("planted failure" in e for e in errors(at))
+    at.switch_page("pages/ranks.py").run()
+    assert not at.exception and any("planted failure" in e for e in errors(at))
