@@ -120,3 +120,26 @@ def test_fewer_map_pairs_than_power_iteration():
     ratio = (r.s2 / r.s1) ** 2
     als_sweeps = math.log(1e-6) / math.log(ratio)
     assert r.steps < als_sweeps / 3, (r.steps, als_sweeps)
+
+
+def _kron_rel_diff(A, B, A0, B0):
+    """||A (x) B - A0 (x) B0|| / ||A0 (x) B0||, from Frobenius inner products (no mn x mn matrix)."""
+    A, B, A0, B0 = (t.double() for t in (A, B, A0, B0))
+    ip = lambda P, Q: float((P * Q).sum())  # noqa: E731
+    sq = ip(A, A) * ip(B, B) - 2 * ip(A, A0) * ip(B, B0) + ip(A0, A0) * ip(B0, B0)
+    return math.sqrt(max(sq, 0.0) / (ip(A0, A0) * ip(B0, B0)))
+
+
+def test_float32_maps_with_float64_refinement_match_a_float64_solve_to_1e_5():
+    from gfwsvd_core.fisher.kronecker import nearest_kronecker
+
+    g = torch.Generator().manual_seed(3)
+    K, T, m, n = 32, 24, 48, 40
+    scale = torch.logspace(0, -3, n, dtype=torch.float64)  # inputs over three decades, as in real layers
+    X = torch.randn(K, T, n, generator=g, dtype=torch.float64) * scale
+    D = torch.randn(K, T, m, generator=g, dtype=torch.float64) * (1 + X[..., :1].abs() / scale[0])
+    ref = nearest_kronecker((X, D), tol=1e-12, max_sweeps=200, refine=0)
+    mixed = nearest_kronecker((X.float(), D.float()), refine=2)
+    plain = nearest_kronecker((X.float(), D.float()), refine=0)
+    assert _kron_rel_diff(mixed.A, mixed.B, ref.A, ref.B) <= 1e-5
+    assert _kron_rel_diff(mixed.A, mixed.B, ref.A, ref.B) <= _kron_rel_diff(plain.A, plain.B, ref.A, ref.B)
