@@ -280,6 +280,12 @@ def filler_panel() -> None:
         if w.exp is None or not w.exp.stats:
             return
         f = w.filler
+        if f is not None and w.awaited:  # before anything else: ws() may just have adopted them
+            ready = {a for a in w.awaited if (f.has(*a) if a[1] is not None else f.complete(a[0]))
+                     or a[0] in f.errors}
+            if ready:
+                w.awaited -= ready
+                st.rerun()  # the whole page: what it waited for is ready
         todo = pending_methods()
         if not todo:
             return
@@ -292,12 +298,6 @@ def filler_panel() -> None:
         elif st.button("Resume", key="filler-resume", help="compute the remaining decompositions"):
             start_filling(w)
             st.rerun()
-        if f is not None and w.awaited:
-            ready = {a for a in w.awaited if (f.has(*a) if a[1] is not None else f.complete(a[0]))
-                     or a[0] in f.errors}
-            if ready:
-                w.awaited -= ready
-                st.rerun()  # the whole page: what it waited for is ready
 
     panel()
 
