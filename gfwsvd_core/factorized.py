@@ -2,8 +2,8 @@
 
 A dense layer ``y = W x + b`` (``W`` m x n, ``nn.Linear`` layout) is replaced by
 ``y = up(down(x))`` with ``down`` r x n (no bias) and ``up`` m x r (keeps the bias), so
-``W_r = up.weight @ down.weight`` and the layer holds ``r (m + n)`` weights instead of ``m n``
-.GPT-2's ``Conv1D`` computes ``x @ W + b`` with ``W`` stored n x m; its
+``W_r = up.weight @ down.weight`` and the layer holds ``r (m + n)`` weights instead of ``m n``.
+GPT-2's ``Conv1D`` computes ``x @ W + b`` with ``W`` stored n x m; its
 replacement is the same ``up(down(x))``: the factors are always in ``nn.Linear`` layout and the
 transpose happens once, in :func:`gfwsvd_core.layers.get_weight` / :func:`to_dense`.
 """
