@@ -115,8 +115,25 @@ def resolve_ranks(
 def build_compressed(
     model: nn.Module, decs: Mapping[str, LayerDecomposition], ranks: Mapping[str, Optional[int]]
 ) -> nn.Module:
-    """A deep copy of ``model`` whose layers with a rank are ``LowRankLinear``; ``None`` stays dense."""
-    new = copy.deepcopy(model)
+    """A copy of ``model`` whose layers with a rank are ``LowRankLinear``; ``None`` stays dense.
+
+    Only the module tree is copied: every parameter and buffer that is not replaced (embeddings,
+    norms, layers kept dense) *shares its storage with* ``model``, so a variant costs its low-rank
+    factors and nothing more (a sweep over 24 variants no longer makes 24 copies of the model).
+    The copy's parameters are new ``nn.Parameter`` objects over the same data, so their
+    ``requires_grad``, ``.grad`` and ``.to()`` / ``.half()`` (which rebind ``.data``) stay the
+    copy's own, and the copy is put in eval mode without touching ``model``'s modes; tied weights
+    stay tied. ``model`` is never modified by this function, but the shared tensors *are*
+    ``model``'s: an in-place edit of the copy (``load_state_dict``, ``copy_``, an optimizer step,
+    ``torch.nn.init``) writes into ``model``. Deep-copy the result before training or editing it.
+    """
+    memo: dict[int, Any] = {}
+    for p in model.parameters():  # remove_duplicate: a tied parameter maps to one new Parameter
+        shared = type(p)(p.detach(), p.requires_grad) if isinstance(p, nn.Parameter) else p.detach()
+        memo[id(p)] = shared
+    for b in model.buffers():
+        memo[id(b)] = b.detach().requires_grad_(b.requires_grad) if b.requires_grad else b.detach()
+    new = copy.deepcopy(model, memo)
     for name, r in ranks.items():
         if r is None:
             continue

@@ -40,8 +40,56 @@ class WeightedSVDResult:
         return self.up @ self.down
 
 
+class _KeptRoot:
+    """What a decomposition keeps of a :class:`Root`: its diagnostics, not its matrix.
+
+    ``damping``, ``fell_back``, ``condition``, ``zero``, ``diagonal``, ``requested``, ``dim``,
+    ``info()`` and ``warnings()`` are stored values (free). ``L`` is recomputed on demand from the
+    weight as it was passed in (held by reference, never copied: the method's ``Weights`` keep it
+    anyway) with the same requested damping, which reproduces the root exactly; that costs one
+    Cholesky factorisation per access, so only rarely used diagnostics such as
+    :func:`gfwsvd_core.explore.own_weighted_error` read it. The weight must not be edited in place
+    afterwards.
+    """
+
+    info = Root.info
+    warnings = Root.warnings
+
+    def __init__(self, rt: Root, weight: torch.Tensor, device, name: str):
+        self.diagonal = rt.diagonal
+        self.damping = rt.damping
+        self.fell_back = rt.fell_back
+        self.condition = rt.condition
+        self.zero = rt.zero
+        self.requested = rt.requested
+        self._dim = rt.dim
+        self._weight = weight
+        self._device = device
+        self._name = name
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def L(self) -> torch.Tensor:
+        return root(self._weight.to(self._device), self.requested, self._name).L
+
+    def __repr__(self) -> str:
+        return f"_KeptRoot(dim={self._dim}, diagonal={self.diagonal}, {self.info()})"
+
+
 class WeightedDecomposition:
-    """The SVD of ``W~ = L_out^T W L_in``; truncates to any rank without recomputing."""
+    """The SVD of ``W~ = L_out^T W L_in``; truncates to any rank without recomputing.
+
+    Memory: only what truncation needs is kept - the singular values ``S`` (float64, k =
+    min(m, n)) and the two mapped-back, column-balanced factors ``up`` (m x k) and ``down``
+    (k x n) in W's dtype, of which ``factors(r)`` is the first r columns / rows. That is
+    ``k (m + n)`` numbers, at most twice W's size (about 1.8x for a float32 64 x 48 weight;
+    the former float64 copy of W, U, V and both float64 roots were about 10-13x). ``left`` and
+    ``right`` keep the roots' diagnostics; their ``L`` is recomputed on demand (see
+    :class:`_KeptRoot`).
+    """
 
     def __init__(self, W: torch.Tensor, left=None, right=None, damping: float = 0.0):
         if not isinstance(W, torch.Tensor) or W.dim() != 2:
@@ -53,29 +101,44 @@ class WeightedDecomposition:
         m, n = W.shape
         self.shape = (m, n)
         self.dtype = W.dtype if W.is_floating_point() else torch.float32
-        self.W = W.detach().to(torch.float64)
+        Wd = W.detach().to(torch.float64)  # a temporary: not kept
         left = as_weight(left, m, "left (output-side)")
         right = as_weight(right, n, "right (input-side)")
-        self.left: Optional[Root] = None if left is None else root(left.to(W.device), damping, "left (output-side)")
-        self.right: Optional[Root] = None if right is None else root(right.to(W.device), damping, "right (input-side)")
+        lrt = None if left is None else root(left.to(W.device), damping, "left (output-side)")
+        rrt = None if right is None else root(right.to(W.device), damping, "right (input-side)")
         self.warnings: list[str] = []
-        for side, rt in (("output-side", self.left), ("input-side", self.right)):
+        for side, rt in (("output-side", lrt), ("input-side", rrt)):
             if rt is not None:
                 self.warnings += rt.warnings(side)
         # a zero weighting: W~ = 0, so every rank loses nothing the loss can see; the factors are
         # then plain SVD's (any rank-r matrix is optimal, this one is the most faithful to W)
-        self.zero_weight = any(rt is not None and rt.zero for rt in (self.left, self.right))
+        self.zero_weight = any(rt is not None and rt.zero for rt in (lrt, rrt))
         if self.zero_weight:
             self.warnings.append("predicted loss 0 at every rank; the factors are plain SVD's")
-            self.left = self.right = None
-        Wt = _apply_left(self.left, self.W)  # L_out^T W
-        Wt = _apply_right(self.right, Wt)  # L_out^T W L_in
-        self.U, self.S, Vh = torch.linalg.svd(Wt, full_matrices=False)  # (m,k), (k,), (k,n)
-        self.V = Vh.T  # (n, k)
+            lrt = rrt = None
+        self.left: Optional[_KeptRoot] = None if lrt is None else _KeptRoot(lrt, left, W.device, "left (output-side)")
+        self.right: Optional[_KeptRoot] = None if rrt is None else _KeptRoot(rrt, right, W.device, "right (input-side)")
+        Wt = _apply_left(lrt, Wd)  # L_out^T W
+        Wt = _apply_right(rrt, Wt)  # L_out^T W L_in
+        U, self.S, Vh = torch.linalg.svd(Wt, full_matrices=False)  # (m,k), (k,), (k,n)
+        del Wt
+        V = Vh.T  # (n, k)
         # invert the better-conditioned side (an absent or diagonal side is trivial to invert)
-        cl = _cost(self.left)
-        cr = _cost(self.right)
-        self.inverted = "out" if cl <= cr else "in"
+        self.inverted = "out" if _cost(lrt) <= _cost(rrt) else "in"
+        if self.inverted == "out":
+            up = _solve_left_t(lrt, U)  # L_out^{-T} U            (m, k)
+            down = U.T @ _apply_left(lrt, Wd)  # U^T L_out^T W    (k, n)
+        else:
+            up = _apply_right(rrt, Wd) @ V  # W L_in V             (m, k)
+            down = _solve_right_t(rrt, V).T  # V^T L_in^{-1}       (k, n)
+        del U, V, Vh, Wd
+        # balance: scale column i of up and row i of down to equal norms (product unchanged);
+        # column i's scale depends on column i only, so truncating afterwards is exact
+        cu = up.norm(dim=0)
+        cd = down.norm(dim=1)
+        c = torch.where((cu > 0) & (cd > 0), torch.sqrt(cd / cu.clamp_min(1e-300)), torch.ones_like(cu))
+        self._up = (up * c).to(self.dtype)  # (m, k), what factors(k) returns
+        self._down = (down / c[:, None]).to(self.dtype)  # (k, n)
 
     @property
     def max_rank(self) -> int:
@@ -108,24 +171,19 @@ class WeightedDecomposition:
         return rank
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(up, down)`` with ``up @ down = W_r``, balanced column/row norms, in W's dtype."""
+        """``(up, down)`` with ``up @ down = W_r``, balanced column/row norms, in W's dtype.
+
+        Fresh contiguous tensors (copies of the kept factors' first ``rank`` columns / rows), so
+        editing them cannot change this decomposition.
+        """
         r = self.check_rank(rank)
-        U, V = self.U[:, :r], self.V[:, :r]
-        if self.inverted == "out":
-            up = _solve_left_t(self.left, U)  # L_out^{-T} U_r            (m, r)
-            down = U.T @ _apply_left(self.left, self.W)  # U_r^T L_out^T W   (r, n)
-        else:
-            up = _apply_right(self.right, self.W) @ V  # W L_in V_r          (m, r)
-            down = _solve_right_t(self.right, V).T  # V_r^T L_in^{-1}      (r, n)
-        # balance: scale column i of up and row i of down to equal norms (product unchanged)
-        cu = up.norm(dim=0)
-        cd = down.norm(dim=1)
-        c = torch.where((cu > 0) & (cd > 0), torch.sqrt(cd / cu.clamp_min(1e-300)), torch.ones_like(cu))
-        return (up * c).to(self.dtype), (down / c[:, None]).to(self.dtype)
+        fmt = torch.contiguous_format
+        return self._up[:, :r].clone(memory_format=fmt), self._down[:r].clone(memory_format=fmt)
 
     def reconstruct(self, rank: int) -> torch.Tensor:
-        up, down = self.factors(rank)
-        return up.double() @ down.double()
+        """``W_r`` (m x n, float64) from the factors in W's dtype (``factors(rank)`` multiplied)."""
+        r = self.check_rank(rank)
+        return self._up[:, :r].double() @ self._down[:r].double()
 
     def result(self, rank: int) -> WeightedSVDResult:
         up, down = self.factors(rank)
@@ -134,6 +192,10 @@ class WeightedDecomposition:
             if rt is not None:
                 info.update({f"{side}_{k}": v for k, v in rt.info().items()})
         return WeightedSVDResult(up, down, self.singular_values.to(self.dtype), self.predicted_loss, rank, info)
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors this decomposition owns (the weights passed in are the caller's)."""
+        return sum(t.numel() * t.element_size() for t in (self.S, self._up, self._down))
 
 
 def decompose(W: torch.Tensor, left=None, right=None, damping: float = 0.0) -> WeightedDecomposition:

@@ -10,8 +10,8 @@ from torch import nn
 import tiny_models
 from test_stats import encoder_loss, lm_loss
 from gfwsvd_core import available_methods, collect_statistics
-from gfwsvd_core.compress import compress, decompose_layers
-from gfwsvd_core.factorized import LowRankLinear
+from gfwsvd_core.compress import build_compressed, compress, decompose_layers
+from gfwsvd_core.factorized import LowRankLinear, replace_layer
 from gfwsvd_core.layers import get_weight, weight_shape
 from gfwsvd_core.models import default_layers
 from gfwsvd_core.ranks import rank_for_ratio
@@ -86,9 +86,12 @@ def test_input_model_never_modified(arch):
     assert {n: type(m) for n, m in model.named_modules()} == types
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert not low_rank(model)
-    # no tensor of the compressed model shares storage with the original
+    # the factorised layers' tensors are new; nothing else of the original was copied
     ptrs = {p.data_ptr() for p in model.parameters()}
-    assert not any(p.data_ptr() in ptrs for p in comp.model.parameters())
+    for name, m in low_rank(comp.model).items():
+        assert not any(p.data_ptr() in ptrs for p in m.parameters()), name
+    assert all(not m.training for m in comp.model.modules())
+    assert all(m.training for m in model.modules())
 
 
 @pytest.mark.parametrize("arch", list(CASES))
@@ -245,3 +248,65 @@ def test_decompositions_are_reused():
         decompose_layers(model, stats, "svd", layers=["transformer.wte"])
     with pytest.raises(ValueError, match="unknown method"):
         compress(model, stats, "nope", ratio=0.5)
+
+
+def _storage_bytes(tensors):
+    """{storage data_ptr: bytes}, each storage once."""
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+
+
+@pytest.mark.parametrize("arch", list(CASES))
+def test_untouched_tensors_are_shared_not_copied(arch):
+    """A variant shares every tensor it does not replace with the original: its only new memory
+    is the low-rank layers, the original stays as it was, and the outputs are those of a deep copy."""
+    model, stats = setup(arch)
+    names = list(stats)
+    ranks = {n: (None if i % 3 == 0 else 2) for i, n in enumerate(names)}  # some layers stay dense
+    decs = decompose_layers(model, stats, "gfwsvd")
+    before, out_before = state(model), outputs(model, arch)  # in eval mode
+    model.train()  # the original's modes are not touched
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    new = build_compressed(model, decs, ranks)
+    replaced = {n for n, r in ranks.items() if r is not None}
+    assert set(low_rank(new)) == replaced
+
+    def under(key):
+        return any(key.startswith(n + ".") for n in replaced)
+
+    for key, p in new.named_parameters():
+        if under(key):
+            continue
+        assert p.data_ptr() == params[key].data_ptr(), key  # same storage ...
+        assert p is not params[key], key  # ... but the copy's own Parameter object
+        assert p.requires_grad == params[key].requires_grad
+    for key, b in new.named_buffers():
+        assert b.data_ptr() == buffers[key].data_ptr(), key
+    # memory: the bytes not shared with the original are exactly the low-rank layers'
+    orig = _storage_bytes(list(model.parameters()) + list(model.buffers()))
+    mine = _storage_bytes(list(new.parameters()) + list(new.buffers()))
+    fresh = sum(b for ptr, b in mine.items() if ptr not in orig)
+    factors = sum(p.numel() * p.element_size() for m in low_rank(new).values() for p in m.parameters())
+    assert 0 < fresh <= factors
+    if arch == "gpt2":  # tied LM head: still one tensor, the original's
+        assert new.lm_head.weight is new.transformer.wte.weight
+        assert new.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    # the same outputs as the old full deep copy
+    ref = copy.deepcopy(model)
+    for name in replaced:
+        up, down = decs[name].decomposition.factors(ranks[name])
+        replace_layer(ref, name, LowRankLinear.replacing(ref.get_submodule(name), up, down))
+    ref.eval()
+    model.eval()
+    assert torch.equal(outputs(new, arch), outputs(ref, arch))
+    # the original: same state, outputs, types, flags, modes
+    assert torch.equal(outputs(model, arch), out_before)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not low_rank(model)
+    model.train()
+    new.requires_grad_(False)  # the copy's flags and dtype are its own
+    new.double()
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(m.training for m in model.modules()) and not any(m.training for m in new.modules())

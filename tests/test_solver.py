@@ -128,3 +128,81 @@ def test_bad_input():
         weighted_svd(torch.full((3, 3), float("inf")), 1)
     with pytest.raises(ValueError, match="2-D"):
         weighted_svd(torch.ones(3), 1)
+
+
+def held_bytes(obj, inputs=()):
+    """Bytes of the tensors reachable through ``obj``'s attributes (each storage once), leaving
+    out the storages of ``inputs`` (the caller's weights, referenced rather than copied)."""
+    seen = {}
+
+    def walk(o, depth):
+        if isinstance(o, torch.Tensor):
+            seen[o.untyped_storage().data_ptr()] = o.untyped_storage().nbytes()
+        elif depth < 4:
+            values = vars(o).values() if hasattr(o, "__dict__") else (o if isinstance(o, (list, tuple, dict)) else ())
+            for v in (values.values() if isinstance(values, dict) else values):
+                walk(v, depth + 1)
+
+    walk(obj, 0)
+    skip = {t.untyped_storage().data_ptr() for t in inputs}
+    return sum(b for ptr, b in seen.items() if ptr not in skip)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float64, 1e-9)])
+def test_decomposition_keeps_only_truncation_factors(dtype, tol):
+    """A 64 x 48 layer with full Kronecker roots: the decomposition holds about 1.8x the weight's
+    bytes (it used to hold a float64 W, U, V and both roots: ~10x the float32 weight), and every rank is still the
+    exact weighted optimum, a slice of the full-rank factors."""
+    m, n = 64, 48
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(m, n, generator=g, dtype=torch.float64).to(dtype)
+    B, A = spd(m, 1, cond=30), spd(n, 2, cond=20)
+    dec = decompose(W, B, A)
+    wbytes = m * n * W.element_size()
+    held = held_bytes(dec, inputs=(B, A))
+    assert held <= 2 * wbytes, f"{held} bytes held, {held / wbytes:.1f}x the weight"
+    assert held == dec.nbytes()
+    up_all, down_all = dec.factors(dec.max_rank)
+    for r in (1, 5, 17, 47, 48):
+        up, down = dec.factors(r)
+        assert up.dtype == down.dtype == dtype and up.shape == (m, r) and down.shape == (r, n)
+        assert torch.equal(up, up_all[:, :r]) and torch.equal(down, down_all[:r])
+        ref = brute_force_optimum(W.double(), r, B, A)
+        scale = float(ref.abs().max())
+        assert float((dec.reconstruct(r) - ref).abs().max()) <= tol * scale, r
+        assert torch.equal(dec.reconstruct(r), up.double() @ down.double())
+        obj = objective(W.double(), dec.reconstruct(r), B, A)
+        assert obj == pytest.approx(2 * float(dec.predicted_loss[r]), rel=1e-4 if dtype == torch.float32 else 1e-8, abs=1e-9)
+    # the returned factors are copies: editing them leaves the decomposition as it was
+    up, down = dec.factors(5)
+    up.zero_()
+    down.zero_()
+    assert torch.equal(dec.factors(5)[0], up_all[:, :5])
+
+
+def test_roots_kept_as_diagnostics_and_recomputed_on_demand():
+    from types import SimpleNamespace
+
+    from gfwsvd_core.explore import own_weighted_error
+    from gfwsvd_core.fisher.psd import root
+
+    m, n = 12, 9
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(m, n, generator=g, dtype=torch.float64)
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    A = x @ x.T  # singular: the damping climbs
+    B = spd(m, 3, cond=100)
+    dec = decompose(W, B, A)
+    assert dec.right.damping > 0 and dec.right.requested == 0 and not dec.right.fell_back
+    assert dec.left.dim == m and dec.right.dim == n and not dec.left.diagonal
+    assert torch.equal(dec.left.L, root(B).L) and torch.equal(dec.right.L, root(A).L)
+    info = dec.result(3).info
+    assert info["right_damping"] == dec.right.damping and info["left_fell_back"] is False
+    # explore.own_weighted_error reads the roots: the weighted error of the optimum is its tail
+    for r in (1, 4, 9):
+        err = own_weighted_error(SimpleNamespace(decomposition=dec), W - dec.reconstruct(r))
+        assert err == pytest.approx(2 * float(dec.predicted_loss[r]), rel=1e-8, abs=1e-10)
+    diag = decompose(W, torch.rand(m, dtype=torch.float64) + 0.5)
+    assert diag.left.diagonal and diag.left.L.shape == (m,) and diag.nbytes() <= 2 * m * n * 8 and diag.right is None
+    zero = decompose(W, torch.zeros(m), A)
+    assert zero.zero_weight and zero.left is None and zero.right is None
