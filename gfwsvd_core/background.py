@@ -18,7 +18,7 @@ import traceback
 from typing import Any, Mapping, Optional, Sequence
 
 from .compress import LayerDecomposition, decompose_layers
-from .errors import GfwsvdUserError
+from .errors import ConfigurationError, GfwsvdUserError
 from .methods import get_method
 from .pipeline import Experiment, method_key
 
@@ -50,7 +50,7 @@ class Filler:
         self.seconds: dict[str, float] = {k: 0.0 for k in self.methods}
         self._thread = threading.Thread(target=self._run, daemon=True, name="gfwsvd:filler")
         if start:
-            self._thread.start()
+            self.start()
 
     # ---- control
     def prioritise(self, layer: str, method: Optional[str] = None) -> None:
@@ -64,6 +64,10 @@ class Filler:
     def cancel(self) -> None:
         """Stop after the layer being computed; what is finished stays readable."""
         self._cancel.set()
+
+    def start(self) -> "Filler":
+        self._thread.start()
+        return self
 
     def wait(self, timeout: Optional[float] = None) -> "Filler":
         self._thread.join(timeout)
@@ -87,6 +91,13 @@ class Filler:
     def has(self, key: str, layer: str) -> bool:
         with self._lock:
             return layer in self._done.get(key, {})
+
+    def settled(self, key: str, layer: Optional[str] = None) -> bool:
+        """Whether nothing more will come for ``layer`` (every layer when None) of one method: it
+        is done, or the method failed."""
+        with self._lock:
+            done = self._done.get(key, {})
+            return key in self.errors or (layer in done if layer is not None else len(done) == len(self.layers))
 
     def complete(self, key: str) -> bool:
         with self._lock:
@@ -142,12 +153,13 @@ class Filler:
 def fill(exp: Experiment, methods: Sequence[Any], first: Optional[str] = None) -> Filler:
     """Start a :class:`Filler` for the methods of ``exp`` not decomposed yet (``first``: a layer
     to compute before the others)."""
+    if exp.stats is None:
+        raise ConfigurationError("collect statistics first")
     todo = [m for m in methods if method_key(m) not in exp.decompositions]
-    f = Filler(exp.model, exp.stats, todo, exp.layers if exp.stats is None else list(exp.stats), start=False)
+    f = Filler(exp.model, exp.stats, todo, start=False)
     if first is not None:
         f.prioritise(first)
-    f._thread.start()
-    return f
+    return f.start()
 
 
 def adopt(exp: Experiment, filler: Optional[Filler]) -> list[str]:

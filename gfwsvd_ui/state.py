@@ -281,8 +281,7 @@ def filler_panel() -> None:
             return
         f = w.filler
         if f is not None and w.awaited:  # before anything else: ws() may just have adopted them
-            ready = {a for a in w.awaited if (f.has(*a) if a[1] is not None else f.complete(a[0]))
-                     or a[0] in f.errors}
+            ready = {a for a in w.awaited if f.settled(*a)}
             if ready:
                 w.awaited -= ready
                 st.rerun()  # the whole page: what it waited for is ready
