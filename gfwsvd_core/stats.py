@@ -5,7 +5,8 @@ For a linear layer ``y = W x + b`` (W is m x n) and a *sample* k with token matr
 gradient is ``G_k = D_k^T X_k``. From these we keep, per layer, whatever the methods need:
 
 * ``samples``  - the per-sample gradients, either factored ``(X_k, D_k)`` or materialised ``G_k``
-  (chosen per layer by the cost rule of design.md section 2, overridable);
+  (chosen per layer by whichever makes the Kronecker map ``E[G A G^T]`` cheaper in flops,
+  see :func:`map_flops`; overridable);
 * ``diagonal`` - the diagonal empirical Fisher ``mean_k G_k**2`` (never the square of a mean) and
   the mean gradient ``mean_k G_k``;
 * ``kfac``     - token second moments ``sum_t x x^T`` and ``sum_t d d^T`` (K-FAC "expand");
@@ -17,13 +18,17 @@ the batch) is accepted for ``sample_unit="batch"`` and ``"token"`` (a token's co
 ``d_t x_t^T`` is defined for any loss), and for a batch of one. Hooks live only inside :func:`collect_statistics` and are removed in
 ``finally``; gradients come from ``torch.autograd.grad`` on the captured layer outputs, so
 ``.grad`` fields, user hooks and module attributes are never touched.
+
+Each kind is a :class:`~gfwsvd_core.statistics.StatKind` in the registry of
+:mod:`gfwsvd_core.statistics`; this module only counts samples and tokens and drives the kinds.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
@@ -31,11 +36,39 @@ from torch import nn
 
 from .errors import ConfigurationError
 from .layers import LayerFilter, select_layers, weight_shape
+from .statistics import KINDS, STORAGE_MODES, Context, choose_storage, expand_kinds, get_kind, map_flops
+from .statistics import resolve_storage as _resolve_storage
 
 SAMPLE_UNITS = ("token", "sequence", "batch")
-ALL_KINDS = ("samples", "diagonal", "kfac", "inputs")
-STORAGE_MODES = ("auto", "factored", "materialized")
+ALL_KINDS = tuple(KINDS)  # ("samples", "diagonal", "kfac", "inputs")
 _FLOAT = 4  # bytes per stored float32
+CHUNK_BYTES = 256 * 2**20  # default budget for per-sample temporaries (env GFWSVD_CHUNK_MB overrides)
+
+
+def _chunk_budget(budget_bytes: Optional[int] = None) -> int:
+    """The byte budget for per-sample temporaries: the argument, else $GFWSVD_CHUNK_MB, else CHUNK_BYTES."""
+    if budget_bytes is not None:
+        return int(budget_bytes)
+    env = os.environ.get("GFWSVD_CHUNK_MB", "").strip()
+    if env:
+        try:
+            mb = float(env)
+        except ValueError:
+            raise ConfigurationError(f"GFWSVD_CHUNK_MB must be a number of MiB, got {env!r}") from None
+        if not mb > 0:
+            raise ConfigurationError(f"GFWSVD_CHUNK_MB must be positive, got {env!r}")
+        return int(mb * 2**20)
+    return CHUNK_BYTES
+
+
+def _chunk_samples(m: int, n: int, budget_bytes: Optional[int] = None, *, copies: int = 1, itemsize: int = _FLOAT) -> int:
+    """How many samples fit ``copies`` temporaries of ``m x n`` elements each in the budget (at least 1).
+
+    Per-sample work is done in chunks so that its temporaries scale with the budget, not with
+    the layer: one 32-sample chunk of an 11008 x 4096 layer is already 5.4 GiB.
+    """
+    per_sample = max(1, m * n * copies * itemsize)
+    return max(1, _chunk_budget(budget_bytes) // per_sample)
 
 
 class Cancelled(RuntimeError):
@@ -63,7 +96,8 @@ class LayerStats:
     xx_sum: Optional[torch.Tensor] = None  # (n, n) sum_t x x^T        (float64)
     dd_sum: Optional[torch.Tensor] = None  # (m, m) sum_t d d^T        (float64)
     abs_x_sum: Optional[torch.Tensor] = None  # (n,) sum_t |x|           (float64)
-    info: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # storage mode and caches of derived results
+    extra: dict = field(default_factory=dict)  # values of registered kinds without a field above
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -81,7 +115,7 @@ class LayerStats:
     def _need(self, value, what: str, kind: str):
         if value is None:
             raise ValueError(f"layer {self.name}: {what} was not collected (add {kind!r} to kinds)")
-        if self.num_samples == 0 and kind != "inputs":
+        if self.num_samples == 0 and get_kind(kind).needs_grad:  # forward-only kinds count tokens
             raise ValueError(f"layer {self.name}: empty statistics (no calibration samples)")
         return value
 
@@ -119,8 +153,16 @@ class LayerStats:
         """Per input channel ``mean_t |x|`` (n,), as used by ASVD."""
         return self._need(self.abs_x_sum, "the activation magnitudes", "inputs") / max(self.num_tokens, 1)
 
-    def per_sample_gradients(self, chunk: int = 64) -> Iterator[torch.Tensor]:
-        """Yield the per-sample gradients ``G_k`` in chunks of shape (c, m, n)."""
+    def per_sample_gradients(self, chunk: Optional[int] = None, budget_bytes: Optional[int] = None) -> Iterator[torch.Tensor]:
+        """Yield the per-sample gradients ``G_k`` in chunks of shape (c, m, n).
+
+        ``chunk`` fixes c; by default c is sized so that one chunk fits the byte budget
+        (``budget_bytes``, else $GFWSVD_CHUNK_MB, else ``CHUNK_BYTES``).
+        """
+        if chunk is None:
+            t = self.G if self.G is not None else self.X
+            itemsize = t.element_size() if t is not None else _FLOAT
+            chunk = _chunk_samples(self.out_features, self.in_features, budget_bytes, itemsize=itemsize)
         if self.G is not None:
             yield from self.G.split(chunk)
         elif self.X is not None:
@@ -129,11 +171,13 @@ class LayerStats:
         else:
             raise ValueError(f"layer {self.name}: per-sample gradients were not collected (add 'samples' to kinds)")
 
-    def quadratic(self, dW: torch.Tensor) -> float:
+    @torch.no_grad()
+    def quadratic(self, dW: torch.Tensor, budget_bytes: Optional[int] = None) -> float:
         """Exact empirical-Fisher quadratic ``1/2 vec(dW)^T F vec(dW) = mean_k <G_k, dW>^2 / 2``.
 
         The second-order loss increase of a weight change ``dW`` (m x n) with the full Fisher of
-        the stored samples, one inner product per sample (factored: ``<D_k dW, X_k>``).
+        the stored samples, one inner product per sample (factored: ``<D_k dW, X_k>``). Samples
+        are taken in chunks whose temporaries fit the byte budget (see :meth:`per_sample_gradients`).
         """
         if self.num_samples == 0:
             raise ValueError(f"layer {self.name}: empty statistics (no calibration samples)")
@@ -142,28 +186,48 @@ class LayerStats:
         total = 0.0
         if self.X is not None:
             dWf = dW.to(self.X.device, self.X.dtype)
-            for X, D in zip(self.X.split(256), self.D.split(256)):
+            # temporaries per sample: D_k dW and its product with X_k, both T x n
+            c = _chunk_samples(self.X.shape[1], self.in_features, budget_bytes, copies=2, itemsize=self.X.element_size())
+            for X, D in zip(self.X.split(c), self.D.split(c)):
                 inner = ((D @ dWf) * X).sum(dim=(1, 2))  # <G_k, dW> = sum (D_k dW) * X_k
                 total += float((inner.double() ** 2).sum())
         else:
-            for G in self.per_sample_gradients():
+            # stored G: the chunks are views, the product with dW is the one temporary
+            for G in self.per_sample_gradients(budget_bytes=budget_bytes):
                 inner = (G * dW.to(G.device, G.dtype)).sum(dim=(1, 2))
                 total += float((inner.double() ** 2).sum())
         return 0.5 * total / self.num_samples
 
     def has(self, kind: str) -> bool:
         """Whether statistics of ``kind`` were collected for this layer."""
-        if kind not in ALL_KINDS:
-            raise ConfigurationError(f"unknown kind {kind!r}; valid: {', '.join(ALL_KINDS)}")
-        return {"samples": self.X is not None or self.G is not None, "diagonal": self.grad_sq_sum is not None,
-                "kfac": self.dd_sum is not None, "inputs": self.xx_sum is not None}[kind]
+        return get_kind(kind).collected(self)
 
     def nbytes(self) -> int:
-        total = 0
-        for t in (self.X, self.D, self.G, self.grad_sq_sum, self.grad_sum, self.xx_sum, self.dd_sum, self.abs_x_sum):
-            if t is not None:
-                total += t.numel() * t.element_size()
-        return total
+        """Bytes of the tensors kept (all kinds)."""
+        values = [getattr(self, f.name) for f in fields(self)] + list(self.extra.values())
+        return sum(t.numel() * t.element_size() for t in values if isinstance(t, torch.Tensor))
+
+
+def merge_stats(a: LayerStats, b: LayerStats) -> LayerStats:
+    """The statistics of one layer over the samples of ``a`` and then ``b`` (e.g. two processes).
+
+    Counts and running sums add, kept samples concatenate (``a``'s first, on ``a``'s device), so
+    the result equals one pass over both sets of batches. Both must hold the same kinds; cached
+    derived results in ``info`` are dropped.
+    """
+    if (a.name, a.shape, a.sample_unit) != (b.name, b.shape, b.sample_unit):
+        raise ValueError(f"cannot merge statistics of {a.name} {a.shape} ({a.sample_unit} samples) with "
+                         f"{b.name} {b.shape} ({b.sample_unit} samples)")
+    kinds = [k for k in KINDS.values() if k.collected(a) or k.collected(b)]
+    differ = [k.name for k in kinds if k.collected(a) != k.collected(b)]
+    if differ:
+        raise ValueError(f"layer {a.name}: cannot merge statistics that differ in the kinds {differ}")
+    out = LayerStats(name=a.name, out_features=a.out_features, in_features=a.in_features, sample_unit=a.sample_unit,
+                     num_samples=a.num_samples + b.num_samples, num_tokens=a.num_tokens + b.num_tokens)
+    for k in kinds:
+        k.merge(out, a, b)
+    out.info["storage"] = out.storage
+    return out
 
 
 def has_kinds(stats: Mapping[str, LayerStats], kinds: Sequence[str]) -> list[str]:
@@ -172,44 +236,14 @@ def has_kinds(stats: Mapping[str, LayerStats], kinds: Sequence[str]) -> list[str
 
 
 # ---------------------------------------------------------------------------------------------
-# cost rule and memory estimate
-
-
-def map_flops(m: int, n: int, T: int, storage: str) -> float:
-    """Flops of one Kronecker map ``E[G A G^T]`` per sample (design.md 2)."""
-    if storage == "factored":
-        return 2.0 * (T * (m * m + n * n) + T * T * (m + n))
-    return 2.0 * m * n * (m + n)
-
-
-def choose_storage(m: int, n: int, T: int) -> str:
-    """Factored when its map is cheaper in flops than the materialised one (per layer)."""
-    return "factored" if map_flops(m, n, T, "factored") < map_flops(m, n, T, "materialized") else "materialized"
-
-
-def _resolve_storage(storage, name: str, m: int, n: int, T: int) -> str:
-    mode = storage.get(name, "auto") if isinstance(storage, Mapping) else storage
-    if mode not in STORAGE_MODES:
-        raise ValueError(f"unknown storage {mode!r} for layer {name}; valid: {', '.join(STORAGE_MODES)}")
-    return choose_storage(m, n, T) if mode == "auto" else mode
+# memory estimate (the storage cost rule, map_flops and choose_storage, is in statistics.samples)
 
 
 def estimate_layer_bytes(
     m: int, n: int, num_samples: int, tokens_per_sample: int, kinds: Sequence[str] = ALL_KINDS, storage: str = "auto"
 ) -> int:
     """Bytes the kept statistics of one layer need (float32 samples, float64 moments)."""
-    total = 0
-    if "samples" in kinds:
-        mode = choose_storage(m, n, tokens_per_sample) if storage == "auto" else storage
-        per = tokens_per_sample * (m + n) if mode == "factored" else m * n
-        total += num_samples * per * _FLOAT
-    if "diagonal" in kinds:
-        total += 2 * m * n * 8
-    if "kfac" in kinds or "inputs" in kinds:
-        total += n * n * 8 + n * 8
-    if "kfac" in kinds:
-        total += m * m * 8
-    return total
+    return sum(k.layer_bytes(m, n, num_samples, tokens_per_sample, storage) for k in expand_kinds(kinds))
 
 
 def estimate_memory(
@@ -269,35 +303,23 @@ def plan_groups(sizes: Mapping[str, int], max_bytes: Optional[int]) -> list[list
 
 
 class _Accumulator:
-    """Running sums for one layer during collection (float64 moments, float32 samples)."""
+    """One layer during collection: counts samples and tokens and feeds each kind its batch."""
 
-    def __init__(self, name: str, m: int, n: int, unit: str, kinds: Sequence[str], storage, device):
+    def __init__(self, name: str, m: int, n: int, unit: str, kinds: Sequence[str], storage, device,
+                 chunk_bytes: Optional[int] = None):
         self.stats = LayerStats(name=name, out_features=m, in_features=n, sample_unit=unit)
-        self.kinds = kinds
-        self.storage_request = storage
-        self.storage: Optional[str] = None
-        self.device = device
-        self.X: list[torch.Tensor] = []
-        self.D: list[torch.Tensor] = []
-        self.G: list[torch.Tensor] = []
-        s = self.stats
-        if "diagonal" in kinds:
-            s.grad_sq_sum = torch.zeros(m, n, dtype=torch.float64, device=device)
-            s.grad_sum = torch.zeros(m, n, dtype=torch.float64, device=device)
-        if "kfac" in kinds or "inputs" in kinds:
-            s.xx_sum = torch.zeros(n, n, dtype=torch.float64, device=device)
-            s.abs_x_sum = torch.zeros(n, dtype=torch.float64, device=device)
-        if "kfac" in kinds:
-            s.dd_sum = torch.zeros(m, m, dtype=torch.float64, device=device)
+        self.chunk_bytes = chunk_bytes
+        self.kinds = expand_kinds(kinds)
+        ctx = Context(storage=storage, device=device)
+        self.state = {k.name: k.init(self.stats, ctx) for k in self.kinds}
 
     def add_inputs(self, X: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         """Forward-only statistics. X: (B, T, n) float32, mask: (B, T) bool or None."""
         s = self.stats
         flat = X.reshape(-1, X.shape[-1]) if mask is None else X[mask]  # (N_b, n)
         s.num_tokens += flat.shape[0]
-        if s.xx_sum is not None:  # per-batch products in float32, running sums in float64
-            s.xx_sum += (flat.T @ flat).double()  # (n, N_b) @ (N_b, n)
-            s.abs_x_sum += flat.abs().sum(0).double()
+        for k in self.kinds:
+            k.add_inputs(s, self.state[k.name], flat)
 
     def add_gradients(self, X: torch.Tensor, D: torch.Tensor, mask: Optional[torch.Tensor], unit: str) -> None:
         """X: (B, T, n), D: (B, T, m), zeroed outside ``mask``; both float32."""
@@ -312,38 +334,22 @@ class _Accumulator:
             X, D = X[idx].unsqueeze(1), D[idx].unsqueeze(1)  # (N_b, 1, n), (N_b, 1, m)
         elif unit == "batch":
             X, D = X.reshape(1, -1, X.shape[-1]), D.reshape(1, -1, D.shape[-1])  # (1, B*T, .)
-        K_b, T = X.shape[0], X.shape[1]
-        s.num_samples += K_b
-        if s.dd_sum is not None:
-            Df = D.reshape(-1, D.shape[-1])
-            s.dd_sum += (Df.T @ Df).double()
-        if "samples" in self.kinds and self.storage is None:
-            self.storage = _resolve_storage(self.storage_request, s.name, s.out_features, s.in_features, T)
-        keep_G = "samples" in self.kinds and self.storage == "materialized"
-        if s.grad_sum is not None:
-            s.grad_sum += (D.reshape(-1, D.shape[-1]).T @ X.reshape(-1, X.shape[-1])).double()
-        fast_diag = T == 1 and s.grad_sq_sum is not None
-        if fast_diag:  # G_t = d x^T  =>  sum_t G_t**2 = (D*D)^T (X*X)
-            s.grad_sq_sum += ((D[:, 0] ** 2).T @ (X[:, 0] ** 2)).double()
-        if keep_G or (s.grad_sq_sum is not None and not fast_diag):
-            for Xc, Dc in zip(X.split(32), D.split(32)):
-                Gc = torch.bmm(Dc.transpose(1, 2), Xc)  # (c, m, n), formed once per chunk
-                if s.grad_sq_sum is not None and not fast_diag:
-                    s.grad_sq_sum += (Gc * Gc).sum(0).double()
-                if keep_G:
-                    self.G.append(Gc.to(self.device))
-        if "samples" in self.kinds and self.storage == "factored":
-            self.X.append(X.to(self.device))
-            self.D.append(D.to(self.device))
+        s.num_samples += X.shape[0]
+        for k in self.kinds:
+            k.add_gradients(s, self.state[k.name], X, D)
+        chunked = [k for k in self.kinds if k.wants_chunks(s, self.state[k.name], X.shape[1])]
+        if chunked:
+            # per sample: G_k and one temporary of its size (m x n float32 each), sized to the byte budget
+            c = _chunk_samples(s.out_features, s.in_features, self.chunk_bytes, copies=2)
+            for Xc, Dc in zip(X.split(c), D.split(c)):
+                Gc = torch.bmm(Dc.transpose(1, 2), Xc)  # (c, m, n), formed once per chunk for all kinds
+                for k in chunked:
+                    k.add_chunk(s, self.state[k.name], Gc)
 
     def finish(self) -> LayerStats:
         s = self.stats
-        if self.X:
-            T = max(x.shape[1] for x in self.X)
-            s.X = torch.cat([nn.functional.pad(x, (0, 0, 0, T - x.shape[1])) for x in self.X])
-            s.D = torch.cat([nn.functional.pad(d, (0, 0, 0, T - d.shape[1])) for d in self.D])
-        if self.G:
-            s.G = torch.cat(self.G)
+        for k in self.kinds:
+            k.finish(s, self.state[k.name])
         s.info["storage"] = s.storage
         return s
 
@@ -383,6 +389,7 @@ def collect_statistics(
     storage_device: Optional[torch.device | str] = None,
     progress: Any = None,
     cancel: Any = None,
+    chunk_bytes: Optional[int] = None,
 ) -> dict[str, LayerStats]:
     """Run the calibration batches and return ``{layer name: LayerStats}``.
 
@@ -394,7 +401,7 @@ def collect_statistics(
         loss_fn: ``loss_fn(model, batch)`` -> per-sample losses ``(B,)`` (or a scalar for
             ``sample_unit="batch"``). An ``attention_mask`` in a dict batch marks valid tokens.
         layers: selection by name patterns or a filter function (see ``layers.select_layers``).
-        kinds: subset of ``("samples", "diagonal", "kfac", "inputs")``.
+        kinds: subset of ``ALL_KINDS`` (the registered kinds of ``gfwsvd_core.statistics``).
         sample_unit: "token", "sequence" or "batch": what one Fisher sample is.
         storage: "auto" (cost rule per layer), "factored", "materialized" or ``{layer: mode}``.
         max_memory: bytes for kept statistics; layers are then processed in groups, one pass
@@ -403,18 +410,20 @@ def collect_statistics(
             per-sample statistics (default: ``device``).
         progress: None, True (tqdm bar) or ``callable(done, total, message)``.
         cancel: an object with ``is_set()`` (e.g. ``threading.Event``); raises :class:`Cancelled`.
+        chunk_bytes: budget for the per-sample gradient temporaries of one layer (default:
+            $GFWSVD_CHUNK_MB MiB, else ``CHUNK_BYTES``); the results do not depend on it.
     """
     if sample_unit not in SAMPLE_UNITS:
         raise ValueError(f"unknown sample_unit {sample_unit!r}; valid: {', '.join(SAMPLE_UNITS)}")
     kinds = tuple(kinds)
-    bad = [k for k in kinds if k not in ALL_KINDS]
+    bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
-        raise ValueError(f"unknown kinds {bad}; valid: {', '.join(ALL_KINDS)}")
+        raise ValueError(f"unknown kinds {bad}; valid: {', '.join(KINDS)}")
     selected = select_layers(model, layers)
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
     storage_device = torch.device(storage_device) if storage_device is not None else device
-    needs_grad = any(k in kinds for k in ("samples", "diagonal", "kfac"))
+    needs_grad = any(k.needs_grad for k in expand_kinds(kinds))
 
     groups = [list(selected)]
     if max_memory:
@@ -437,7 +446,8 @@ def collect_statistics(
         done = 0
         for group in groups:
             accs = {
-                name: _Accumulator(name, *weight_shape(selected[name]), sample_unit, kinds, storage, storage_device)
+                name: _Accumulator(name, *weight_shape(selected[name]), sample_unit, kinds, storage, storage_device,
+                                   chunk_bytes)
                 for name in group
             }
             for name in group:

@@ -238,3 +238,153 @@ def test_weight_layout_conv1d():
     W = get_weight(mod)
     x = torch.randn(2, 32)
     assert torch.allclose(mod(x), x @ W.T + mod.bias, atol=1e-6)
+
+
+def test_chunk_samples_sized_by_bytes(monkeypatch):
+    from gfwsvd_core import stats as st
+
+    monkeypatch.delenv("GFWSVD_CHUNK_MB", raising=False)
+    # an 11008 x 4096 layer: G_k and G_k**2 are 2 * 180 MB, so one sample per 256 MiB chunk
+    assert st._chunk_samples(11008, 4096, copies=2) == 1
+    assert st._chunk_samples(32, 32, 1024 * 32 * 32 * 4) == 1024
+    assert st._chunk_samples(32, 32, 1024 * 32 * 32 * 4, copies=2) == 512
+    assert st._chunk_samples(32, 32, 1024 * 32 * 32 * 8, itemsize=8) == 1024
+    assert st._chunk_samples(32, 32, 1) == 1  # never zero
+    assert st._chunk_samples(32, 32) == st.CHUNK_BYTES // (32 * 32 * 4)
+    monkeypatch.setenv("GFWSVD_CHUNK_MB", "1")
+    assert st._chunk_samples(32, 32) == 2**20 // (32 * 32 * 4)
+    monkeypatch.setenv("GFWSVD_CHUNK_MB", "lots")
+    with pytest.raises(ValueError, match="GFWSVD_CHUNK_MB"):
+        st._chunk_samples(32, 32)
+
+
+def _max_bmm_batch(monkeypatch):
+    """Patch torch.bmm to record the batch size of each call; returns the list of sizes."""
+    sizes, bmm = [], torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b: (sizes.append(a.shape[0]), bmm(a, b))[1])
+    return sizes
+
+
+@pytest.mark.parametrize("storage", ["factored", "materialized"])
+def test_tiny_chunk_budget_gives_the_same_statistics(monkeypatch, storage):
+    from gfwsvd_core import stats as st
+
+    monkeypatch.delenv("GFWSVD_CHUNK_MB", raising=False)
+    model = tiny_models.tiny_llama()
+    batches = [make_batch(B=4, T=6, seed=s) for s in range(2)]
+    sizes = _max_bmm_batch(monkeypatch)
+    ref = collect_statistics(model, batches, lm_loss, storage=storage)
+    assert max(sizes) == 4  # default budget: a whole batch per chunk on a tiny model
+    sizes.clear()
+    monkeypatch.setattr(st, "CHUNK_BYTES", 1)  # one sample per chunk
+    tiny = collect_statistics(model, batches, lm_loss, storage=storage)
+    assert max(sizes) == 1
+    for n in ref:
+        a, b = ref[n], tiny[n]
+        assert a.num_samples == b.num_samples == 8
+        assert torch.allclose(a.grad_sq_sum, b.grad_sq_sum, rtol=1e-6, atol=0), n
+        assert torch.equal(a.grad_sum, b.grad_sum)
+        if storage == "materialized":
+            assert torch.allclose(a.G, b.G, rtol=1e-6, atol=1e-7 * float(a.G.abs().max())), n
+        # chunked readers: the same gradients and quadratic whatever the budget
+        sizes.clear()
+        Gs = torch.cat(list(b.per_sample_gradients()))
+        assert storage == "materialized" or max(sizes) == 1
+        assert torch.allclose(torch.cat(list(a.per_sample_gradients(budget_bytes=2**30))), Gs, rtol=1e-6, atol=1e-7 * float(Gs.abs().max()))
+        dW = torch.randn(a.shape, generator=torch.Generator().manual_seed(0))
+        assert a.quadratic(dW, budget_bytes=2**30) == pytest.approx(b.quadratic(dW), rel=1e-5)
+    # explicit per-call budget
+    sizes.clear()
+    monkeypatch.setattr(st, "CHUNK_BYTES", 2**30)
+    collect_statistics(model, batches[:1], lm_loss, storage=storage, chunk_bytes=1, layers="mlp.up_proj")
+    assert sizes and max(sizes) == 1
+
+
+MERGE_FIELDS = ("grad_sq_sum", "grad_sum", "xx_sum", "dd_sum", "abs_x_sum")
+
+
+@pytest.mark.parametrize("unit,storage", [("sequence", "factored"), ("sequence", "materialized"),
+                                          ("token", "auto"), ("batch", "auto")])
+def test_merge_of_two_passes_equals_one_pass(unit, storage):
+    from gfwsvd_core.stats import merge_stats
+
+    model = tiny_models.tiny_gpt2()
+    batches = [make_batch(B=3, T=T, seed=s) for s, T in enumerate((6, 4, 7))]  # lengths differ: padding
+    kw = dict(sample_unit=unit, storage=storage)
+    full = collect_statistics(model, batches, lm_loss, **kw)
+    first = collect_statistics(model, batches[:1], lm_loss, **kw)
+    rest = collect_statistics(model, batches[1:], lm_loss, **kw)
+    for n in full:
+        merged = merge_stats(first[n], rest[n])
+        a = full[n]
+        assert (merged.num_samples, merged.num_tokens) == (a.num_samples, a.num_tokens)
+        assert merged.storage == a.storage and merged.info["storage"] == a.storage
+        for f in MERGE_FIELDS:
+            assert torch.allclose(getattr(merged, f), getattr(a, f), rtol=1e-12, atol=0), (n, f)
+        for f in ("X", "D", "G"):
+            x, y = getattr(merged, f), getattr(a, f)
+            assert (x is None and y is None) or torch.equal(x, y), (n, f)
+        assert merged.nbytes() == a.nbytes()
+        assert torch.allclose(merged.diagonal_fisher, a.diagonal_fisher, rtol=1e-12)
+
+
+def test_merge_mixed_storage_and_mismatches():
+    from gfwsvd_core.stats import merge_stats
+
+    model = tiny_models.tiny_llama()
+    b1, b2 = make_batch(B=2, T=5, seed=1), make_batch(B=3, T=6, seed=2)
+    fac = collect_statistics(model, [b1], lm_loss, storage="factored")
+    mat = collect_statistics(model, [b2], lm_loss, storage="materialized")
+    n = "model.layers.0.mlp.up_proj"
+    m = merge_stats(fac[n], mat[n])
+    assert m.storage == "materialized" and m.num_samples == 5
+    want = torch.cat([*fac[n].per_sample_gradients(), mat[n].G])
+    assert torch.allclose(m.G, want)
+    with pytest.raises(ValueError, match="cannot merge"):
+        merge_stats(fac[n], mat["model.layers.0.mlp.down_proj"])
+    inputs_only = collect_statistics(model, [b2], lm_loss, kinds=["inputs"])
+    with pytest.raises(ValueError, match="differ in the kinds"):
+        merge_stats(fac[n], inputs_only[n])
+
+
+def test_kfac_reads_the_input_moments_collected_once():
+    from gfwsvd_core.stats import estimate_layer_bytes
+
+    model = tiny_models.tiny_bert()
+    kf = collect_statistics(model, [make_batch()], encoder_loss, kinds=["kfac"])
+    both = collect_statistics(model, [make_batch()], encoder_loss, kinds=["kfac", "inputs"])
+    n = "encoder.layer.0.attention.self.query"
+    assert kf[n].has("inputs") and kf[n].has("kfac") and not kf[n].has("diagonal")
+    assert torch.equal(kf[n].xx_sum, both[n].xx_sum) and kf[n].nbytes() == both[n].nbytes()
+    assert estimate_layer_bytes(8, 4, 3, 2, ["kfac"]) == estimate_layer_bytes(8, 4, 3, 2, ["kfac", "inputs"]) \
+        == 8 * 8 * 8 + 4 * 4 * 8 + 4 * 8
+
+
+def test_a_new_kind_is_one_class_and_one_registration(monkeypatch):
+    """A statistic outside LayerStats' fields: sum_t |d| per output channel, kept in ``extra``."""
+    from gfwsvd_core import statistics
+    from gfwsvd_core.stats import estimate_layer_bytes, merge_stats
+
+    class AbsD(statistics.StatKind):
+        name = "absd"
+        needs_grad = True
+        fields = ("abs_d_sum",)
+
+        def sums(self, m, n):
+            return {"abs_d_sum": (m,)}
+
+        def add_gradients(self, s, state, X, D):
+            s.extra["abs_d_sum"] += D.abs().sum((0, 1)).double()
+
+    monkeypatch.setitem(statistics.KINDS, "absd", AbsD())  # what statistics.register does, undone after
+    model = tiny_models.tiny_bert()
+    batches = [make_batch(seed=0), make_batch(seed=1)]
+    st = collect_statistics(model, batches, encoder_loss, kinds=["samples", "absd"], storage="factored")
+    n = "encoder.layer.1.output.dense"
+    s = st[n]
+    assert s.has("absd") and not s.has("diagonal")
+    assert torch.allclose(s.extra["abs_d_sum"], s.D.abs().sum((0, 1)).double(), rtol=1e-6)
+    assert estimate_layer_bytes(8, 4, 3, 2, ["absd"]) == 8 * 8
+    halves = [collect_statistics(model, [b], encoder_loss, kinds=["absd"], layers=n)[n] for b in batches]
+    assert torch.allclose(merge_stats(*halves).extra["abs_d_sum"], s.extra["abs_d_sum"], rtol=1e-12)
+    assert collect_statistics(model, batches[:1], encoder_loss, kinds=["absd"], layers=n)[n].nbytes() == s.out_features * 8

@@ -1,0 +1,19 @@
+"""K-FAC ("expand"): the output-gradient moment ``sum_t d d^T``; the input side is "inputs"."""
+
+from __future__ import annotations
+
+from .base import StatKind
+
+
+class KFAC(StatKind):
+    name = "kfac"
+    needs_grad = True
+    requires = ("inputs",)  # kfac_in reads xx_sum: shared, accumulated once
+    fields = ("dd_sum",)
+
+    def sums(self, m, n):
+        return {"dd_sum": (m, m)}
+
+    def add_gradients(self, s, state, X, D):
+        Df = D.reshape(-1, D.shape[-1])
+        s.dd_sum += (Df.T @ Df).double()
