@@ -12,14 +12,12 @@ Per layer three estimates of the loss increase of ``dW = W - W_r`` are compared:
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any, Mapping, Optional, Sequence
 
 from torch import nn
 
 from .compress import Compression, LayerDecomposition, build_compressed, decompose_layers
-from .factorized import LowRankLinear, replace_layer
 from .layers import get_weight
 from .methods import get_method
 from .ranks import check_ratio, kept_params, uniform_ranks
@@ -38,10 +36,12 @@ def exact_quadratic(stats: LayerStats, dec: LayerDecomposition, rank: Optional[i
 
 def measured_increase(model: nn.Module, task: Any, batches: Sequence, dec: LayerDecomposition, rank: int,
                       base_loss: float) -> float:
-    """Calibration-loss change with only this layer factorised at ``rank``."""
-    new = copy.deepcopy(model)
-    up, down = dec.decomposition.factors(rank)
-    replace_layer(new, dec.name, LowRankLinear.replacing(new.get_submodule(dec.name), up, down))
+    """Calibration-loss change with only this layer factorised at ``rank``.
+
+    The variant shares every other tensor with ``model`` (see :func:`build_compressed`), so a
+    per-layer report costs one layer's factors per layer, not a copy of the model.
+    """
+    new = build_compressed(model, {dec.name: dec}, {dec.name: rank})
     return task.measured_loss(new, batches) - base_loss
 
 

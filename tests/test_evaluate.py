@@ -199,3 +199,22 @@ def test_sweep_cancel():
     stop.set()
     with pytest.raises(Cancelled):
         ev.sweep(model, stats, task, evaluation, ["svd"], [0.5], decompositions=decs, cancel=stop)
+
+
+def test_measured_increase_shares_the_untouched_tensors(monkeypatch):
+    """One layer's measurement must not copy the model's other tensors (it used to deep-copy it all)."""
+    from torch import nn
+
+    model, task, calib, _, stats = setup()
+    comp = compress(model, stats, "svd", ratio=0.5)
+    name = next(iter(comp.decompositions))
+    copied = []
+    deepcopy = nn.Parameter.__deepcopy__
+    monkeypatch.setattr(nn.Parameter, "__deepcopy__", lambda self, memo: copied.append(self.shape) or deepcopy(self, memo))
+    base = task.measured_loss(model, calib)
+    got = ev.measured_increase(model, task, calib, comp.decompositions[name], 2, base)
+    assert copied == []
+    one = copy.deepcopy(model)
+    up, down = comp.decompositions[name].decomposition.factors(2)
+    replace_layer(one, name, LowRankLinear.replacing(one.get_submodule(name), up, down))
+    assert got == pytest.approx(task.measured_loss(one, calib) - base, rel=1e-5, abs=1e-7)
