@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .layers import weight_shape
+from .ranks import layer_params
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -141,8 +142,7 @@ class LowRankLinear(nn.Module):
 
 def parameter_count(m: int, n: int, rank: Optional[int] = None, bias: bool = True) -> int:
     """Parameters of an m x n layer: dense (``rank=None``: ``mn``) or factorised (``r(m+n)``), plus ``m`` for a bias."""
-    core = m * n if rank is None else rank * (m + n)
-    return int(core + (m if bias else 0))
+    return int(layer_params(m, n, rank) + (m if bias else 0))
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
