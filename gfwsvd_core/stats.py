@@ -324,7 +324,7 @@ class _Accumulator:
     def add_gradients(self, X: torch.Tensor, D: torch.Tensor, mask: Optional[torch.Tensor], unit: str) -> None:
         """X: (B, T, n), D: (B, T, m), zeroed outside ``mask``; both float32."""
         s = self.stats
-        if not (torch.isfinite(D).all() and torch.isfinite(X).all()):
+        if not (torch.isfinite(D.sum()) and torch.isfinite(X.sum())):  # NaN/inf propagate; one pass, no mask
             raise ValueError(
                 f"layer {s.name}: non-finite values (NaN or inf) in its inputs or output gradients; "
                 "check the loss, the data and the model's dtype"
@@ -332,8 +332,11 @@ class _Accumulator:
         if unit == "token":
             idx = mask if mask is not None else torch.ones(X.shape[:2], dtype=torch.bool, device=X.device)
             X, D = X[idx].unsqueeze(1), D[idx].unsqueeze(1)  # (N_b, 1, n), (N_b, 1, m)
-        elif unit == "batch":
-            X, D = X.reshape(1, -1, X.shape[-1]), D.reshape(1, -1, D.shape[-1])  # (1, B*T, .)
+        elif unit == "batch":  # one sample of the batch's valid tokens (padding rows are zero: dropped)
+            if mask is not None:
+                X, D = X[mask].unsqueeze(0), D[mask].unsqueeze(0)  # (1, N_b, .)
+            else:
+                X, D = X.reshape(1, -1, X.shape[-1]), D.reshape(1, -1, D.shape[-1])  # (1, B*T, .)
         s.num_samples += X.shape[0]
         for k in self.kinds:
             k.add_gradients(s, self.state[k.name], X, D)
@@ -531,11 +534,12 @@ def _run_batch(model, batch, loss_fn, modules: dict[str, nn.Module], accs, unit:
                 ms.append(mk)
             if not xs:
                 continue  # layer not used by this batch
-            X = torch.cat(xs, 1)  # calls of a shared module: more tokens of the same sample
-            mk = torch.cat(ms, 1)
+            cat = (lambda ts: ts[0]) if len(xs) == 1 else (lambda ts: torch.cat(ts, 1))
+            X = cat(xs)  # several calls of a shared module: more tokens of the same sample
+            mk = cat(ms)
             accs[name].add_inputs(X, mk)
             if needs_grad:
-                accs[name].add_gradients(X, torch.cat(ds, 1), mk, unit)
+                accs[name].add_gradients(X, cat(ds), mk, unit)
     finally:
         for h in handles:
             h.remove()

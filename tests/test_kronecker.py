@@ -151,3 +151,29 @@ def test_fisher_norm_estimate_for_many_samples(monkeypatch):
     assert est.fisher_norm == pytest.approx(exact.fisher_norm, rel=0.05)
     G = torch.bmm(D.transpose(1, 2), X)
     assert exact.fisher_norm == pytest.approx(float(torch.linalg.norm(full_fisher(G))), rel=1e-8)
+
+
+@pytest.mark.parametrize("m", [7, 300, 1030])  # 1, 2 and 4 symmetric row blocks
+@pytest.mark.parametrize("form", ["materialized", "factored"])
+@pytest.mark.parametrize("chunk_bytes", [None, 1])  # one chunk, or one sample per chunk
+def test_maps_match_brute_force(m, form, chunk_bytes, monkeypatch):
+    from gfwsvd_core.fisher import kronecker as kr
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(kr, "CHUNK_BYTES", chunk_bytes)
+    g = torch.Generator().manual_seed(m)
+    K, T, n = 5, 4, 9
+    X = torch.randn(K, T, n, generator=g, dtype=torch.float64)
+    D = torch.randn(K, T, m, generator=g, dtype=torch.float64)
+    G = torch.bmm(D.transpose(1, 2), X)
+    S = kr._Samples(G=G) if form == "materialized" else kr._Samples(X=X, D=D)
+    assert S.chunk == 1 if chunk_bytes else S.chunk >= K
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    A = A + A.T  # indefinite, as Krylov vectors are
+    B = torch.randn(m, m, generator=g, dtype=torch.float64)
+    B = B + B.T
+    out = torch.einsum("kin,nl,kjl->ij", G, A, G) / K
+    inn = torch.einsum("kmi,mp,kpj->ij", G, B, G) / K
+    torch.testing.assert_close(S.out_map(A), out, rtol=1e-10, atol=1e-10 * float(out.abs().max()))
+    torch.testing.assert_close(S.in_map(B), inn, rtol=1e-10, atol=1e-10 * float(inn.abs().max()))
+    assert S.fisher_norm_sq() == pytest.approx(float(torch.linalg.norm(full_fisher(G)) ** 2), rel=1e-10)

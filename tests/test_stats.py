@@ -283,7 +283,7 @@ def test_tiny_chunk_budget_gives_the_same_statistics(monkeypatch, storage):
         a, b = ref[n], tiny[n]
         assert a.num_samples == b.num_samples == 8
         assert torch.allclose(a.grad_sq_sum, b.grad_sq_sum, rtol=1e-6, atol=0), n
-        assert torch.equal(a.grad_sum, b.grad_sum)
+        assert torch.allclose(a.grad_sum, b.grad_sum, rtol=1e-6, atol=1e-7 * float(a.grad_sum.abs().max()))
         if storage == "materialized":
             assert torch.allclose(a.G, b.G, rtol=1e-6, atol=1e-7 * float(a.G.abs().max())), n
         # chunked readers: the same gradients and quadratic whatever the budget

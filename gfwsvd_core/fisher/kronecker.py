@@ -28,6 +28,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..gram import add_sym_product
 from ..stats import LayerStats
 
 #: bytes of intermediate tensors per chunk of samples
@@ -88,7 +89,12 @@ class KroneckerFactors:
 
 
 class _Samples:
-    """The two maps of the rearranged Fisher over stored samples, batched in chunks."""
+    """The two maps of the rearranged Fisher over stored samples, batched in chunks.
+
+    Materialised samples are kept as chunks laid out (m, c, n), so that ``sum_k G_k A G_k^T``
+    and ``sum_k G_k^T B G_k`` are plain GEMMs over views (no per-map copies); the maps' outputs
+    are symmetric, and the m x m one is computed by its upper block triangle only.
+    """
 
     def __init__(self, G=None, X=None, D=None, device=None, dtype=None):
         # default: float64 samples stay float64 (tests, small layers); everything else float32
@@ -96,51 +102,57 @@ class _Samples:
         if dtype is None:
             dtype = torch.float64 if src.dtype == torch.float64 else torch.float32
         if G is not None:
-            self.G = G.to(device=device, dtype=dtype)
-            self.K, self.m, self.n = self.G.shape
+            self.materialized = True
+            self.K, self.m, self.n = G.shape
             self.T = None
             per_sample = 3 * self.m * self.n
+            self.chunk = max(1, CHUNK_BYTES // (4 * per_sample))
+            # one relaid-out copy of the samples (the source stays the caller's)
+            self._Gm = [g.to(device=device, dtype=dtype).permute(1, 0, 2).contiguous() for g in G.split(self.chunk)]
+            self.dtype = self._Gm[0].dtype
+            self.device = self._Gm[0].device
         else:
+            self.materialized = False
             self.X = X.to(device=device, dtype=dtype)  # (K, T, n)
             self.D = D.to(device=device, dtype=dtype)  # (K, T, m)
-            self.G = None
             self.K, self.T, self.n = self.X.shape
             self.m = self.D.shape[2]
             per_sample = self.T * (2 * self.m + 2 * self.n + 2 * self.T)
-        self.chunk = max(1, CHUNK_BYTES // (4 * per_sample))
+            self.chunk = max(1, CHUNK_BYTES // (4 * per_sample))
+            self.dtype = self.X.dtype
+            self.device = self.X.device
         self.norm_estimated = False
-        self.device = (self.G if self.G is not None else self.X).device
 
     @property
     def storage(self) -> str:
-        return "materialized" if self.G is not None else "factored"
+        return "materialized" if self.materialized else "factored"
 
     def out_map(self, A: torch.Tensor) -> torch.Tensor:
         """``E_k[G_k A G_k^T]`` (m x m) for a symmetric n x n ``A``."""
         acc = torch.zeros(self.m, self.m, dtype=A.dtype, device=self.device)
-        if self.G is not None:
-            for G in self.G.split(self.chunk):  # (c, m, n)
-                G = G.to(A.dtype)
-                GA = G @ A  # (c, m, n)
-                c = G.shape[0]
-                # sum_k (G_k A) G_k^T as one GEMM: (m, c*n) @ (c*n, m)
-                acc += GA.permute(1, 0, 2).reshape(self.m, c * self.n) @ G.permute(1, 0, 2).reshape(self.m, c * self.n).T
+        if self.materialized:
+            for Gm in self._Gm:  # (m, c, n)
+                Gm = Gm.to(A.dtype)
+                c = Gm.shape[1]
+                GA = torch.matmul(Gm, A).reshape(self.m, c * self.n)  # [G_k A]_k side by side
+                add_sym_product(acc, GA, Gm.reshape(self.m, c * self.n))  # sum_k (G_k A) G_k^T
         else:
             for X, D in zip(self.X.split(self.chunk), self.D.split(self.chunk)):
                 X, D = X.to(A.dtype), D.to(A.dtype)
                 S = torch.bmm(X @ A, X.transpose(1, 2))  # (c, T, T) = X_k A X_k^T
                 SD = torch.bmm(S, D)  # (c, T, m)
-                acc += D.reshape(-1, self.m).T @ SD.reshape(-1, self.m)  # sum_k D_k^T S_k D_k
+                add_sym_product(acc, D.reshape(-1, self.m).T, SD.reshape(-1, self.m).T)  # sum_k D_k^T S_k D_k
         return acc / self.K
 
     def in_map(self, B: torch.Tensor) -> torch.Tensor:
         """``E_k[G_k^T B G_k]`` (n x n) for a symmetric m x m ``B``."""
         acc = torch.zeros(self.n, self.n, dtype=B.dtype, device=self.device)
-        if self.G is not None:
-            for G in self.G.split(self.chunk):  # (c, m, n)
-                G = G.to(B.dtype)
-                BG = B @ G  # (c, m, n)
-                acc += G.reshape(-1, self.n).T @ BG.reshape(-1, self.n)  # sum_k G_k^T (B G_k)
+        if self.materialized:
+            for Gm in self._Gm:  # (m, c, n)
+                Gm = Gm.to(B.dtype)
+                c = Gm.shape[1]
+                BG = (B @ Gm.reshape(self.m, c * self.n)).reshape(self.m * c, self.n)  # rows (i, k): (B G_k)[i]
+                acc += Gm.reshape(self.m * c, self.n).T @ BG  # sum_k G_k^T (B G_k)
         else:
             for X, D in zip(self.X.split(self.chunk), self.D.split(self.chunk)):
                 X, D = X.to(B.dtype), D.to(B.dtype)
@@ -151,7 +163,7 @@ class _Samples:
 
     def fisher_norm_sq(self) -> float:
         """``||F||_F^2 = 1/K^2 sum_{k,l} <G_k, G_l>^2`` from the Gram of the samples."""
-        if self.G is None and self.T is not None:
+        if not self.materialized:
             cost_factored = self.K * self.K * self.T * self.T * (self.m + self.n)
             cost_materialized = self.K * self.T * self.m * self.n + self.K * self.K * self.m * self.n
             if cost_factored < cost_materialized:
@@ -169,8 +181,8 @@ class _Samples:
         return total / self.K**2
 
     def _g(self, start: int) -> torch.Tensor:
-        if self.G is not None:
-            return self.G[start:start + self.chunk]
+        if self.materialized:
+            return self._Gm[start // self.chunk].permute(1, 0, 2)  # (c, m, n) view
         X, D = self.X[start:start + self.chunk], self.D[start:start + self.chunk]
         return torch.bmm(D.transpose(1, 2), X)  # (c, m, n)
 
@@ -371,13 +383,13 @@ def _krylov(S: _Samples, A0, tol, max_steps, refine):
 
 
 def _initial(S: _Samples, stats, init: str):
-    dtype = (S.G if S.G is not None else S.X).dtype
+    dtype = S.dtype
     eye = torch.eye(S.n, dtype=dtype, device=S.device)
     if init == "identity":
         return eye, "identity"
     if stats is not None and stats.xx_sum is not None:
         return stats.xx_sum.to(device=S.device, dtype=dtype), "kfac"
-    if S.G is None:
+    if not S.materialized:
         Xf = S.X.reshape(-1, S.n)
         return Xf.T @ Xf, "kfac"
     return eye, "identity"

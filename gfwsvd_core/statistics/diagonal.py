@@ -14,12 +14,13 @@ class Diagonal(StatKind):
         return {"grad_sq_sum": (m, n), "grad_sum": (m, n)}
 
     def add_gradients(self, s, state, X, D):
-        s.grad_sum += (D.reshape(-1, D.shape[-1]).T @ X.reshape(-1, X.shape[-1])).double()
-        if X.shape[1] == 1:  # G_t = d x^T  =>  sum_t G_t**2 = (D*D)^T (X*X), no G formed
-            s.grad_sq_sum += ((D[:, 0] ** 2).T @ (X[:, 0] ** 2)).double()
+        if X.shape[1] == 1:  # G_t = d x^T: both sums without forming G
+            s.grad_sum += D[:, 0].T @ X[:, 0]
+            s.grad_sq_sum += (D[:, 0] ** 2).T @ (X[:, 0] ** 2)
 
     def wants_chunks(self, s, state, T):
         return T != 1
 
-    def add_chunk(self, s, state, G):
-        s.grad_sq_sum += (G * G).sum(0).double()
+    def add_chunk(self, s, state, G):  # the chunk's G_k are formed anyway: sum them here too
+        s.grad_sum += G.sum(0)
+        s.grad_sq_sum += (G * G).sum(0)

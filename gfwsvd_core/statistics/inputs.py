@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..gram import add_gram
 from .base import StatKind
 
 
@@ -13,5 +14,5 @@ class Inputs(StatKind):
         return {"xx_sum": (n, n), "abs_x_sum": (n,)}
 
     def add_inputs(self, s, state, flat):  # per-batch products in float32, running sums in float64
-        s.xx_sum += (flat.T @ flat).double()  # (n, N_b) @ (N_b, n)
-        s.abs_x_sum += flat.abs().sum(0).double()
+        add_gram(s.xx_sum, flat)  # (n, N_b) @ (N_b, n), upper block triangle
+        s.abs_x_sum += flat.abs().sum(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..gram import add_gram
 from .base import StatKind
 
 
@@ -15,5 +16,4 @@ class KFAC(StatKind):
         return {"dd_sum": (m, m)}
 
     def add_gradients(self, s, state, X, D):
-        Df = D.reshape(-1, D.shape[-1])
-        s.dd_sum += (Df.T @ Df).double()
+        add_gram(s.dd_sum, D.reshape(-1, D.shape[-1]))  # float32 blocks into the float64 sum

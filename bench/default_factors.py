@@ -1,0 +1,50 @@
+"""Embedded default: the statistics pass against each method's per-layer factors, in one process.
+
+Issue-9 target: GFWSVD's factors for all 36 layers in at most the time of the statistics pass.
+Prints one JSON line per method (seconds, ratio to the statistics pass) and one for GFWSVD's
+per-layer solver work (Krylov steps, eta, gap), so before/after runs can be compared.
+
+    python bench/default_factors.py [--samples 128] [--methods svd,fwsvd,kfac,gfwsvd] [--solver krylov]
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+from gfwsvd_core import pipeline
+from gfwsvd_core.methods import get_method
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--methods", default="svd,fwsvd,kfac,gfwsvd")
+    p.add_argument("--solver", default=None, help="GFWSVD solver (default: the library's)")
+    a = p.parse_args()
+    methods = a.methods.split(",")
+    exp = pipeline.prepare(samples=a.samples, eval_samples=8)
+    t0 = time.perf_counter()
+    pipeline.collect(exp, methods)
+    stats_s = time.perf_counter() - t0
+    s0 = next(iter(exp.stats.values()))
+    print(json.dumps({"stage": "statistics", "seconds": round(stats_s, 2), "layers": len(exp.stats),
+                      "sample_unit": exp.sample_unit, "K": s0.num_samples, "threads": torch.get_num_threads()}),
+          flush=True)
+    for name in methods:
+        kw = {"solver": a.solver} if (name == "gfwsvd" and a.solver) else {}
+        m = get_method(name, **kw)
+        t0 = time.perf_counter()
+        decs = pipeline.decompositions(exp, m)
+        sec = time.perf_counter() - t0
+        print(json.dumps({"method": pipeline.method_key(m), "seconds": round(sec, 2),
+                          "ratio_to_statistics": round(sec / stats_s, 2)}), flush=True)
+        if name == "gfwsvd":
+            diag = {k.split("encoder.layer.")[-1]: d.weights.info["kronecker"] for k, d in decs.items()}
+            print(json.dumps({"gfwsvd_layers": {k: {f: v.get(f) for f in ("sweeps", "refine_steps", "eta", "gap", "seconds")}
+                                                for k, v in diag.items()},
+                              "steps_total": sum(v.get("sweeps") or 0 for v in diag.values())}, default=str), flush=True)
+
+if __name__ == "__main__":
+    main()

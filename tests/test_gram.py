@@ -1,0 +1,25 @@
+"""Symmetric products by blocks against the full float64 product."""
+
+import pytest
+import torch
+
+from gfwsvd_core.gram import add_gram, add_sym_product
+
+
+@pytest.mark.parametrize("m", [7, 255, 256, 1023, 1030])  # 1, 2 and 4 row blocks, uneven edges
+def test_symmetric_product_matches_full(m):
+    g = torch.Generator().manual_seed(m)
+    L = torch.randn(m, 40, generator=g)
+    S = torch.randn(40, 40, generator=g)
+    R = L @ (S + S.T)  # L (S + S^T) L^T is symmetric
+    start = torch.randn(m, m, generator=g, dtype=torch.float64)
+    start = start + start.T
+    out = add_sym_product(start.clone(), L, R)
+    ref = start + L.double() @ R.double().T
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert out.dtype == torch.float64
+    M = torch.randn(33, m, generator=g)
+    gram = add_gram(torch.zeros(m, m, dtype=torch.float64), M)
+    torch.testing.assert_close(gram, M.double().T @ M.double(), rtol=1e-5, atol=1e-5 * float(gram.abs().max()))
+    if m >= 256:  # block-computed: exactly symmetric by construction
+        assert torch.equal(gram, gram.T)
