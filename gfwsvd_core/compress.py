@@ -19,6 +19,7 @@ from .layers import get_weight, weight_shape
 from .methods import Method, Weights, get_method
 from .ranks import break_even_rank, kept_params, layer_params, uniform_ranks, validate_ranks
 from .solver import WeightedDecomposition, decompose
+from .yardstick import exact_quadratic_curve
 from .stats import Cancelled, LayerStats
 
 
@@ -33,6 +34,9 @@ class LayerDecomposition:
     info: dict = field(default_factory=dict)  # method diagnostics, damping, fallbacks
     seconds: float = 0.0
     weights: Optional[Weights] = None  # the (left, right) weights the method produced
+    #: entry r: the exact empirical-Fisher quadratic of the rank-r truncation (r = 0 .. min(m, n)),
+    #: the yardstick comparable across layers and methods; None without per-sample gradients
+    exact_curve: Optional[torch.Tensor] = None
 
     @property
     def factors(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -79,11 +83,34 @@ def decompose_layers(
         info["zero_weight"] = dec.zero_weight
         info["warnings"] = list(w.info.get("warnings", [])) + _method_warnings(info) + dec.warnings
         w.info = info
+        curve = exact_quadratic_curve(stats[name], dec, get_weight(module))
         out[name] = LayerDecomposition(name, weight_shape(module), method.name, dec, info,
-                                       time.perf_counter() - t0, w)
+                                       time.perf_counter() - t0, w, curve)
         if progress:
             progress(i + 1, len(names), f"{method.label}: {name}")
     return out
+
+
+#: names of the two loss curves a layer can be allocated by
+EXACT_YARDSTICK = "exact empirical-Fisher quadratic"
+OWN_YARDSTICK = "the method's own predicted loss"
+
+
+def loss_curve(dec: LayerDecomposition) -> torch.Tensor:
+    """Entry r: the layer's loss increase estimate at rank r, on the common yardstick when the
+    per-sample gradients were kept (:data:`EXACT_YARDSTICK`), else the method's own prediction."""
+    return dec.exact_curve if dec.exact_curve is not None else dec.predicted_loss
+
+
+def allocation_curves(decs: Mapping[str, LayerDecomposition]) -> tuple[dict[str, torch.Tensor], str]:
+    """Per-layer curves for :func:`gfwsvd_core.ranks.budget_ranks` and the yardstick they are on.
+
+    The exact quadratic when every layer has it (comparable across layers and methods, checked
+    against measurement by ``pipeline.prediction_check``), else every method's own prediction
+    (comparable across layers only for methods that keep the Fisher scale)."""
+    exact = all(d.exact_curve is not None for d in decs.values())
+    curves = {n: (d.exact_curve if exact else d.predicted_loss) for n, d in decs.items()}
+    return curves, EXACT_YARDSTICK if exact else OWN_YARDSTICK
 
 
 def _method_warnings(info: Mapping[str, Any]) -> list[str]:

@@ -8,6 +8,7 @@ produced so far; every stage is timed and every input is recorded for the report
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -68,6 +69,13 @@ class Experiment:
         if self._reference is None:
             self._reference = self.task.reference_outputs(self.model, self.eval_batches)
         return self._reference
+
+    def calibration_loss(self) -> float:
+        """The dense model's loss on the calibration batches (computed once): the reference of
+        measured loss increases."""
+        if getattr(self, "_calib_loss", None) is None:
+            self._calib_loss = self.task.measured_loss(self.model, self.calib_batches)
+        return self._calib_loss
 
     def baseline_metrics(self) -> dict:
         """Metrics of the uncompressed model on the evaluation set (computed once)."""
@@ -287,13 +295,49 @@ def run_compression(exp: Experiment, method: Any, ratio: Optional[float] = None,
         layers = layer_report(exp.model, comp, exp.stats, exp.task, exp.calib_batches, measure=measure,
                               progress=progress, cancel=cancel)
     _record(exp, "layer_report", rec, run)
-    base = metrics = None
+    base = metrics = check = None
     if evaluate:
         with _measure(exp) as rec:
             base = exp.baseline_metrics()
             metrics = exp.task.evaluate(comp.model, exp.eval_batches, exp.reference())
+            check = prediction_check(exp, comp, layers)
         _record(exp, "evaluate", rec, run)
-    return comp, report(exp, comp, base, metrics, layers, ratio, method, run)
+    rep = report(exp, comp, base, metrics, layers, ratio, method, run)
+    if check is not None:
+        rep["prediction_check"] = check
+        if check.get("warning"):
+            rep["warnings"].append(check["warning"])
+    return comp, rep
+
+
+#: predicted and measured loss increases that differ by more than this factor get a warning
+AGREEMENT_FACTOR = 3.0
+
+
+def prediction_check(exp: Experiment, comp: Compression, layers: Sequence[Mapping]) -> Optional[dict]:
+    """The predicted loss increase of a compression beside the measured one, on the calibration texts.
+
+    Predicted: the exact empirical-Fisher quadratic summed over layers (the yardstick the budget
+    allocation uses). Measured: the compressed model's calibration loss minus the dense model's.
+    The quadratic ignores first-order terms (the dense model is not at a minimum of this loss)
+    and interactions between layers, so the two can disagree; beyond ``AGREEMENT_FACTOR`` the
+    check carries a warning. None when per-sample gradients were not collected.
+    """
+    preds = [r.get("exact_quadratic") for r in layers]
+    if not layers or any(p is None for p in preds):
+        return None
+    predicted = float(sum(preds))
+    measured = exp.task.measured_loss(comp.model, exp.calib_batches) - exp.calibration_loss()
+    ratio = measured / predicted if predicted > 0 else (math.inf if measured > 0 else 1.0)
+    agrees = 1 / AGREEMENT_FACTOR <= ratio <= AGREEMENT_FACTOR
+    out = {"yardstick": "exact empirical-Fisher quadratic, summed over layers",
+           "predicted_increase": predicted, "measured_increase": measured, "measured_over_predicted": ratio,
+           "factor": AGREEMENT_FACTOR, "agrees": agrees}
+    if not agrees:
+        out["warning"] = (f"predicted calibration-loss increase {predicted:.3g} and measured {measured:.3g} differ by "
+                          f"more than {AGREEMENT_FACTOR:g}x (measured/predicted {ratio:.3g}): the quadratic model "
+                          "misses first-order terms and interactions between layers here; trust the measured number")
+    return out
 
 
 def _measure(exp: Experiment):

@@ -44,6 +44,7 @@ class Workspace:
     job_kind: str = ""
     ranks: dict = field(default_factory=dict)  # {layer: rank or None}
     rank_method: str = "gfwsvd"
+    rank_rule: str = "uniform: 0.50 of each layer's parameters kept"  # what made the current ranks
     sweep: Any = None
     compressed: Any = None  # (Compression, report)
     measured: dict = field(default_factory=dict)  # {(layer, method, rank): measured increase}

@@ -47,6 +47,16 @@ hib = getattr(exp.task, "higher_is_better", {})
 st.dataframe([{"metric": k, "dense": rep["baseline_metrics"][k], "compressed": v,
                "change": v - rep["baseline_metrics"][k], "better is": "higher" if hib.get(k) else "lower"}
               for k, v in rep["metrics"].items()], hide_index=True, width="stretch")
+check = rep.get("prediction_check")
+if check:
+    pc = st.columns(3)
+    pc[0].metric("predicted loss increase", f"{check['predicted_increase']:.3g}",
+                 help=f"{check['yardstick']}, on the calibration texts")
+    pc[1].metric("measured loss increase", f"{check['measured_increase']:.3g}",
+                 help="compressed minus dense loss on the calibration texts")
+    pc[2].metric("measured / predicted", f"{check['measured_over_predicted']:.2f}",
+                 "agrees" if check["agrees"] else f"off by more than {check['factor']:g}x", delta_color="off",
+                 delta_arrow="off")
 for warning in rep.get("warnings", []):
     st.warning(warning, icon=":material/warning:")
 

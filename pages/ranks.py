@@ -5,6 +5,7 @@ import math
 import streamlit as st
 
 from gfwsvd_core import pipeline
+from gfwsvd_core.compress import EXACT_YARDSTICK, allocation_curves, loss_curve
 from gfwsvd_core.explore import rank_grid
 from gfwsvd_core.ranks import break_even_rank, budget_ranks, kept_params, shrinks, uniform_ranks, validate_ranks
 from gfwsvd_ui import charts
@@ -26,11 +27,17 @@ NAN = float("nan")
 
 
 def predicted(name: str, rank) -> float:
-    """The method's predicted loss of ``name`` at ``rank`` (NaN while that layer is computing)."""
+    """The layer's loss increase at ``rank`` on the yardstick (NaN while that layer is computing)."""
     if rank is None:
         return 0.0
     d = decs.get(name)
-    return NAN if d is None else float(d.predicted_loss[min(rank, len(d.predicted_loss) - 1)])
+    if d is None:
+        return NAN
+    curve = loss_curve(d)
+    return float(curve[min(rank, len(curve) - 1)])
+
+
+yardstick = allocation_curves(decs)[1] if decs else EXACT_YARDSTICK
 
 
 if not w.ranks:
@@ -42,19 +49,26 @@ with c1:
     ratio = st.slider("Uniform: parameters kept per layer", 0.05, 1.0, 0.5, 0.05, key="uniform_ratio")
     if st.button("Fill uniform ranks"):
         w.ranks = uniform_ranks(shapes, ratio)
+        w.rank_rule = f"uniform: {ratio:.2f} of each layer's parameters kept"
         st.session_state["editor_version"] += 1
 with c2:
     budget = st.slider("Global budget: parameters kept over all compressed layers", 0.05, 1.0, 0.5, 0.05, key="budget_ratio")
     if st.button("Allocate by predicted loss", disabled=len(decs) < len(shapes),
                  help=None if len(decs) == len(shapes) else f"needs every layer: {fill_status(method)}"):
         try:
-            w.ranks = budget_ranks({n: d.predicted_loss for n, d in decs.items()}, shapes, budget)
+            w.ranks = budget_ranks(allocation_curves(decs)[0], shapes, budget)
+            w.rank_rule = f"allocated by the {yardstick} at a global budget of {budget:.2f}"
             st.session_state["editor_version"] += 1
         except ValueError as exc:
             st.error(f"{exc}. Raise the budget, or fill uniform ranks instead.")
-    if not loss_units(method):
+    st.caption(f"Allocation minimises the summed {yardstick} of the chosen ranks: "
+               + ("the same loss units for every layer and method, computed from the per-sample gradients."
+                  if yardstick == EXACT_YARDSTICK else "per-sample gradients were not collected."))
+    if yardstick != EXACT_YARDSTICK and not loss_units(method):
         st.caption("⚠ This method's predicted losses are not in loss units, so a global budget compares unlike "
                    "quantities across layers; K-FAC or GFWSVD keep the Fisher scale.")
+
+st.caption(f"Current ranks: {w.rank_rule}.")
 
 # --- live parameter counts
 after, before = kept_params(shapes, w.ranks)
@@ -67,7 +81,8 @@ m[0].metric("kept, compressed layers", f"{after / before:.3f}", f"−{1 - after 
 m[1].metric("kept, whole model", f"{model_after / total:.3f}", f"{model_after / 1e6:.2f} M of {total / 1e6:.2f} M",
             delta_color="off", delta_arrow="off")
 m[2].metric("dense layers", sum(1 for r in w.ranks.values() if r is None))
-m[3].metric(f"Σ predicted loss ({label(method)})", "computing…" if math.isnan(pred) else f"{pred:.3e}")
+m[3].metric("Σ predicted loss increase", "computing…" if math.isnan(pred) else f"{pred:.3e}",
+            help=f"Summed over layers, on the {yardstick} of {label(method)}'s truncations.")
 
 # --- heatmap (click a cell to choose that rank)
 # ranks up to the largest break-even rank: above it every layer is cheaper dense
@@ -76,7 +91,7 @@ layers = list(shapes)
 z = [[math.log10(max(predicted(n, g), 1e-30)) if n in decs else None for g in grid] for n in layers]
 event = st.plotly_chart(charts.rank_heatmap([short(n) for n in layers], grid, z,
                                             {short(n): r for n, r in w.ranks.items()},
-                                            title=f"predicted loss increase ({label(method)}), per layer and rank"),
+                                            title=f"log10 {yardstick} ({label(method)}), per layer and rank"),
                         on_select="rerun", selection_mode="points", key=f"rank_heatmap_{st.session_state['editor_version']}",
                         config=charts.EXPORT_CONFIG)
 points = (event or {}).get("selection", {}).get("points", []) if isinstance(event, dict) or hasattr(event, "get") else []
@@ -90,16 +105,17 @@ if points:
         new = min(r, min(mm, nn)) if shrinks(mm, nn, r) else None
         if w.ranks.get(name) != new:
             w.ranks[name] = new
+            w.rank_rule = "edited by hand (heatmap or table)"
             st.session_state["editor_version"] += 1
             st.rerun()
-st.caption("Colour: log10 of the predicted loss increase at each rank (empty rows: still computing). Click a cell "
+st.caption(f"Colour: log10 of the {yardstick} at each rank (empty rows: still computing). Click a cell "
            "to give that layer that rank; a rank at or above break-even keeps the layer dense.")
 
 # --- editable table
 rows = [{"layer": n, "shape": f"{shapes[n][0]}x{shapes[n][1]}", "rank": w.ranks.get(n),
          "break-even": int(break_even_rank(*shapes[n])),
          "kept": (w.ranks[n] * sum(shapes[n]) / (shapes[n][0] * shapes[n][1])) if w.ranks.get(n) else 1.0,
-         "predicted loss": predicted(n, w.ranks.get(n))} for n in layers]
+         "predicted loss": predicted(n, w.ranks.get(n))} for n in layers]  # on the yardstick
 edited = st.data_editor(rows, hide_index=True, width="stretch", key=f"rank_editor_{st.session_state['editor_version']}",
                         disabled=["layer", "shape", "break-even", "kept", "predicted loss"],
                         column_config={"rank": st.column_config.NumberColumn("rank (empty = dense)", min_value=1, step=1),
@@ -110,6 +126,7 @@ new_ranks = {r["layer"]: (None if r["rank"] is None or (isinstance(r["rank"], fl
 if new_ranks != w.ranks:
     try:
         w.ranks = validate_ranks(shapes, new_ranks)
+        w.rank_rule = "edited by hand (heatmap or table)"
         st.rerun()
     except ValueError as exc:
         st.error(f"{exc}. Enter a rank in range, or leave it empty to keep the layer dense.")

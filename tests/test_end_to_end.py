@@ -172,3 +172,26 @@ def test_embedded_default_end_to_end(tmp_path):
     loaded = load_compressed(out)
     batches = exp.eval_batches[:1]
     assert max_diff(model_outputs(loaded, "retrieval", batches), model_outputs(comp.model, "retrieval", batches)) <= 1e-6
+
+
+def test_prediction_check_beside_measured_and_warned(tmp_path, monkeypatch):
+    folder = tiny_models.save_tiny(tiny_models.tiny_gpt2(), tmp_path / "model")
+    exp = pipeline.prepare(model=str(folder), samples=6, eval_samples=4, max_length=24, device="cpu")
+    pipeline.collect(exp, ["kfac"], extra_kinds=["samples"])
+    comp, rep = pipeline.run_compression(exp, "kfac", ratio=0.3)
+    check = rep["prediction_check"]
+    assert check["predicted_increase"] == pytest.approx(sum(r["exact_quadratic"] for r in rep["layers"]))
+    measured = exp.task.measured_loss(comp.model, exp.calib_batches) - exp.task.measured_loss(exp.model, exp.calib_batches)
+    assert check["measured_increase"] == pytest.approx(measured, rel=1e-6, abs=1e-9)
+    assert check["measured_over_predicted"] == pytest.approx(measured / check["predicted_increase"])
+    ratio = check["measured_over_predicted"]
+    assert check["agrees"] == (1 / 3 <= ratio <= 3) and (("warning" in check) != check["agrees"])
+    # a factor the measured ratio cannot meet: the disagreement is a report warning
+    monkeypatch.setattr(pipeline, "AGREEMENT_FACTOR", 1.0 + 1e-12)
+    _, rep = pipeline.run_compression(exp, "kfac", ratio=0.3)
+    assert not rep["prediction_check"]["agrees"]
+    assert rep["warnings"][-1] == rep["prediction_check"]["warning"] and "trust the measured" in rep["warnings"][-1]
+    # without per-sample gradients there is no exact yardstick and no check
+    pipeline.collect(exp, ["kfac"])
+    _, rep = pipeline.run_compression(exp, "kfac", ratio=0.3)
+    assert "prediction_check" not in rep

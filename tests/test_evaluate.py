@@ -218,3 +218,54 @@ def test_measured_increase_shares_the_untouched_tensors(monkeypatch):
     up, down = comp.decompositions[name].decomposition.factors(2)
     replace_layer(one, name, LowRankLinear.replacing(one.get_submodule(name), up, down))
     assert got == pytest.approx(task.measured_loss(one, calib) - base, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("storage", ["factored", "materialized"])
+@pytest.mark.parametrize("method", ["svd", "gfwsvd"])
+def test_exact_curve_is_the_quadratic_at_every_rank(storage, method):
+    """The curve from one pass equals the brute-force quadratic of W - W_r for every r (GPT-2 Conv1D)."""
+    from gfwsvd_core.yardstick import exact_quadratic_curve
+    from test_stats import lm_loss, make_batch
+
+    model = tiny_models.tiny_gpt2()
+    stats = collect_statistics(model, [make_batch(B=3, T=6, seed=s) for s in range(2)], lm_loss, storage=storage)
+    decs = decompose_layers(model, stats, method)
+    for name in list(decs)[:3]:
+        W = get_weight(model.get_submodule(name)).detach()
+        dec, s = decs[name], stats[name]
+        curve = dec.exact_curve
+        assert curve is not None and curve.shape == (dec.decomposition.max_rank + 1,)
+        assert float(curve[0]) == pytest.approx(s.quadratic(W), rel=1e-5)  # rank 0: the whole weight removed
+        for r in range(1, dec.decomposition.max_rank + 1):
+            dW = (W.double() - dec.decomposition.reconstruct(r)).float()
+            assert float(curve[r]) == pytest.approx(s.quadratic(dW), rel=1e-4, abs=1e-6 * float(curve[0])), (name, r)  # float32 products
+        assert float(curve[-1]) <= 1e-6 * float(curve[0])  # full rank reproduces W
+        # the chunked pass gives the same curve
+        tiny = exact_quadratic_curve(s, dec.decomposition, W, budget_bytes=1)
+        torch.testing.assert_close(tiny, curve, rtol=1e-6, atol=1e-12)
+
+
+def test_allocation_uses_the_exact_yardstick_when_samples_exist():
+    from gfwsvd_core.compress import EXACT_YARDSTICK, OWN_YARDSTICK, allocation_curves
+    from gfwsvd_core.ranks import budget_ranks
+    from test_stats import lm_loss, make_batch
+
+    model = tiny_models.tiny_gpt2()
+    batches = [make_batch(B=3, T=6, seed=s) for s in range(2)]
+    with_samples = decompose_layers(model, collect_statistics(model, batches, lm_loss), "kfac")
+    curves, yard = allocation_curves(with_samples)
+    assert yard == EXACT_YARDSTICK
+    assert all(torch.equal(curves[n], d.exact_curve) for n, d in with_samples.items())
+    shapes = {n: d.shape for n, d in with_samples.items()}
+    ranks = budget_ranks(curves, shapes, 0.4)
+    # the allocation's summed exact quadratic is no worse than uniform ranks at the same budget
+    from gfwsvd_core.ranks import kept_params, uniform_ranks
+
+    uni = uniform_ranks(shapes, 0.4)
+    total = lambda rk: sum(0.0 if rk[n] is None else float(curves[n][rk[n]]) for n in shapes)  # noqa: E731
+    assert kept_params(shapes, ranks)[0] <= 0.4 * kept_params(shapes, ranks)[1] + 1e-9
+    assert total(ranks) <= total(uni) * (1 + 1e-9)
+    without = decompose_layers(model, collect_statistics(model, batches, lm_loss, kinds=["kfac"]), "kfac")
+    curves, yard = allocation_curves(without)
+    assert yard == OWN_YARDSTICK and all(d.exact_curve is None for d in without.values())
+    assert all(torch.equal(curves[n], d.predicted_loss) for n, d in without.items())

@@ -1,0 +1,59 @@
+"""The product's common yardstick: the exact empirical-Fisher quadratic of a truncation, per rank.
+
+Every method's own predicted loss (its weighted tail energy) is exact only under its own weighting
+and, for most methods, not in loss units, so it cannot rank layers or methods against each other.
+``mean_k <G_k, W - W_r>^2 / 2`` uses the full per-sample Fisher of the calibration samples: one
+scale for every layer and method, and checkable against a measured loss change.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .solver import WeightedDecomposition
+from .stats import LayerStats
+
+
+def exact_quadratic_curve(stats: LayerStats, decomposition: WeightedDecomposition, W,
+                          budget_bytes: int = 256 * 2**20) -> Optional[torch.Tensor]:
+    """Entry r: ``mean_k <G_k, W - W_r>^2 / 2`` for every rank r = 0 .. min(m, n) (float64), or
+    None when per-sample gradients were not kept.
+
+    The common yardstick of the product: the second-order loss increase under the full empirical
+    Fisher of the calibration samples, in loss units for every method (each method's own
+    predicted loss is exact only for its own weighting). With ``W_r = sum_{i<=r} up_i down_i^T``,
+    ``<G_k, W - W_r> = <G_k, W> - sum_{i<=r} up_i^T G_k down_i``, so one pass over the samples
+    gives the whole curve (cost ``K m n R``, or ``K T (m + n) R`` for factored samples).
+    """
+    if stats.X is None and stats.G is None:
+        return None
+    if stats.num_samples == 0:
+        raise ValueError(f"layer {stats.name}: empty statistics (no calibration samples)")
+    src = stats.X if stats.X is not None else stats.G
+    up, down = decomposition.factors(decomposition.max_rank)  # (m, R), (R, n)
+    up, down = up.to(src.device, src.dtype), down.to(src.device, src.dtype)
+    W = W.detach().to(src.device, src.dtype)
+    parts = []
+    with torch.no_grad():
+        if stats.X is not None:
+            per = stats.X.shape[1] * (up.shape[0] + down.shape[1] + 2 * up.shape[1]) * src.element_size()
+            c = max(1, budget_bytes // max(per, 1))
+            for X, D in zip(stats.X.split(c), stats.D.split(c)):
+                Xd = X @ down.T  # (c, T, R): x_t . down_i
+                Du = D @ up  # (c, T, R): d_t . up_i
+                coef = (Xd * Du).sum(1)  # (c, R): up_i^T G_k down_i, G_k = D_k^T X_k
+                full = ((D @ W) * X).sum((1, 2))  # <G_k, W>
+                parts.append((full, coef))
+        else:
+            per = 2 * up.shape[0] * max(up.shape[1], down.shape[1]) * src.element_size()
+            c = max(1, budget_bytes // max(per, 1))
+            for G in stats.G.split(c):
+                coef = ((G @ down.T) * up).sum(1)  # (c, R)
+                full = (G * W).sum((1, 2))
+                parts.append((full, coef))
+    full = torch.cat([f for f, _ in parts]).double()  # (K,)
+    coef = torch.cat([c for _, c in parts]).double()  # (K, R)
+    inner = full[:, None] - torch.cat([coef.new_zeros(coef.shape[0], 1), coef.cumsum(1)], 1)  # (K, R+1)
+    return 0.5 * (inner ** 2).mean(0)
