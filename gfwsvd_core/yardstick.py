@@ -16,10 +16,11 @@ from .solver import WeightedDecomposition
 from .stats import LayerStats
 
 
-def exact_quadratic_curve(stats: LayerStats, decomposition: WeightedDecomposition, W,
+def per_sample_quadratics(stats: LayerStats, decomposition: WeightedDecomposition, W,
                           budget_bytes: int = 256 * 2**20) -> Optional[torch.Tensor]:
-    """Entry r: ``mean_k <G_k, W - W_r>^2 / 2`` for every rank r = 0 .. min(m, n) (float64), or
-    None when per-sample gradients were not kept.
+    """Entry (k, r): ``<G_k, W - W_r>^2 / 2`` for every sample k and rank r = 0 .. min(m, n)
+    (float64), or None when per-sample gradients were not kept. Their mean over k is
+    :func:`exact_quadratic_curve`; their spread gives its interval.
 
     The common yardstick of the product: the second-order loss increase under the full empirical
     Fisher of the calibration samples, in loss units for every method (each method's own
@@ -56,4 +57,50 @@ def exact_quadratic_curve(stats: LayerStats, decomposition: WeightedDecompositio
     full = torch.cat([f for f, _ in parts]).double()  # (K,)
     coef = torch.cat([c for _, c in parts]).double()  # (K, R)
     inner = full[:, None] - torch.cat([coef.new_zeros(coef.shape[0], 1), coef.cumsum(1)], 1)  # (K, R+1)
-    return 0.5 * (inner ** 2).mean(0)
+    return 0.5 * inner ** 2
+
+
+def exact_quadratic_curve(stats: LayerStats, decomposition: WeightedDecomposition, W,
+                          budget_bytes: int = 256 * 2**20) -> Optional[torch.Tensor]:
+    """Entry r: ``mean_k <G_k, W - W_r>^2 / 2`` for every rank r = 0 .. min(m, n) (float64), or
+    None when per-sample gradients were not kept."""
+    q = per_sample_quadratics(stats, decomposition, W, budget_bytes)
+    return None if q is None else q.mean(0)
+
+
+def bootstrap_interval(values: torch.Tensor, level: float = 0.95, resamples: int = 2000,
+                       seed: int = 0) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the mean of ``values`` (K,) and its percentile-bootstrap interval.
+
+    With few samples (the default retrieval task has K = 16 batch samples) the interval is wide,
+    and that is the point: it says how far the calibration set pins the number down."""
+    v = values.double().reshape(-1)
+    mean = float(v.mean())
+    if v.numel() < 2:
+        return mean, float("-inf"), float("inf")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, v.numel(), (resamples, v.numel()), generator=g)
+    means = v[idx].mean(1)
+    a = (1 - level) / 2
+    lo, hi = torch.quantile(means, torch.tensor([a, 1 - a], dtype=torch.float64)).tolist()
+    return mean, lo, hi
+
+
+def best_of(per_sample: dict[str, torch.Tensor], level: float = 0.95) -> dict:
+    """The option with the lowest mean of its per-sample values, and whether that is resolved.
+
+    ``per_sample[name]`` holds the same samples' values for each option (e.g. each method's
+    per-sample quadratics at one rank), so the comparison is paired: the best is resolved against
+    another option when the bootstrap interval of their mean difference excludes zero. Returns
+    ``{"best", "resolved": {other: bool}, "all_resolved"}``."""
+    if not per_sample:
+        raise ValueError("nothing to compare")
+    means = {k: float(v.double().mean()) for k, v in per_sample.items()}
+    best = min(means, key=means.get)
+    resolved = {}
+    for other, v in per_sample.items():
+        if other == best:
+            continue
+        _, lo, _ = bootstrap_interval(v.double() - per_sample[best].double(), level)
+        resolved[other] = lo > 0
+    return {"best": best, "resolved": resolved, "all_resolved": all(resolved.values())}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import math
+
+from typing import Mapping, Optional, Sequence
 
 import plotly.graph_objects as go
 
@@ -71,7 +73,7 @@ def heatmap(M, title: str, x_title: str, y_title: str, full_shape=None, colorsca
 
 
 def curves(rows: Sequence[dict], y: str, title: str, y_title: str, logy: bool = True, marker_rank=None,
-           floor: float = 1e-14) -> go.Figure:
+           floor: float = 1e-14, x_max: Optional[int] = None) -> go.Figure:
     """One line per method over rank (log-spaced ranks on a log axis). On a log y axis, values below
     ``floor`` x the trace's largest (exact zeros at full rank) are left out."""
     fig = go.Figure()
@@ -84,8 +86,12 @@ def curves(rows: Sequence[dict], y: str, title: str, y_title: str, logy: bool = 
                                  mode="lines+markers", name=label(method), line=dict(color=color(method)),
                                  marker=dict(size=5)))
     if marker_rank:
-        fig.add_vline(x=marker_rank, line_dash="dot", line_color="#555")
-    return _layout(fig, title, "rank r (log scale)", y_title, logy=logy, logx=True)
+        fig.add_vline(x=marker_rank, line_dash="dot", line_color="#555", annotation_text=f"r = {marker_rank}",
+                      annotation_position="top")
+    fig = _layout(fig, title, "rank r (log scale)", y_title, logy=logy, logx=True)
+    if x_max:  # every panel of a layer on the same x range: 1 .. min(m, n)
+        fig.update_xaxes(range=[0, math.log10(x_max)])
+    return fig
 
 
 def sweep_curves(rows: Sequence[dict], metric: str, higher_is_better: bool) -> go.Figure:

@@ -44,6 +44,7 @@ class Workspace:
     job_kind: str = ""
     ranks: dict = field(default_factory=dict)  # {layer: rank or None}
     rank_method: str = "gfwsvd"
+    quadratics: dict = field(default_factory=dict)  # Layer lab: {(layer, method, id): (decomposition, per-sample)}
     rank_rule: str = "uniform: 0.50 of each layer's parameters kept"  # what made the current ranks
     sweep: Any = None
     compressed: Any = None  # (Compression, report)
@@ -72,6 +73,8 @@ def reset(w: Workspace, exp: Any) -> None:
     """A new experiment (or new statistics): everything computed from the old one goes, and the
     decompositions of the new statistics start filling in the background."""
     w.exp, w.ranks, w.sweep, w.compressed, w.measured, w.curves, w.curve_errors = exp, {}, None, None, {}, {}, {}
+    w.quadratics = {}
+    w.rank_rule = "uniform: 0.50 of each layer's parameters kept"
     w.export_zip = None
     w.awaited = set()
     if w.filler is not None:

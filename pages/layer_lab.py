@@ -6,6 +6,7 @@ from gfwsvd_core.evaluate import measured_increase
 from gfwsvd_core.explore import kron_quadratic, layer_curves, weighted_spectra
 from gfwsvd_core.layers import get_weight
 from gfwsvd_core.ranks import break_even_rank
+from gfwsvd_core.yardstick import best_of, bootstrap_interval, per_sample_quadratics
 from gfwsvd_ui import charts
 from gfwsvd_ui.state import METHODS, busy, color, decompositions, job_panel, label, pending_note, require_stats, short, start_job, ws
 
@@ -35,16 +36,46 @@ W = get_weight(exp.model.get_submodule(layer))
 max_rank = min(W.shape)
 breakeven = break_even_rank(*W.shape)
 
+
+
+def lab_quadratics(layer_name: str, m: str):
+    """Per-sample exact quadratics of one method on this layer at every rank (kept per decomposition)."""
+    dec = decs[m]
+    key = (layer_name, m, id(dec))
+    if key not in w.quadratics:
+        if len(w.quadratics) >= 32:  # a few layers' worth: (K, min(m, n) + 1) floats each
+            w.quadratics.pop(next(iter(w.quadratics)))
+        w.quadratics[key] = (dec, per_sample_quadratics(exp.stats[layer_name], dec.decomposition, W))
+    return w.quadratics[key][1]
+
+
 rank = st.slider("Rank r", 1, max_rank, min(max_rank, max(1, int(breakeven // 2))), key="lab_rank",
                  help=f"break-even rank {breakeven:.0f}: above it the factorised layer is larger than the dense one")
 
-# --- instant numbers at the chosen rank (re-truncating cached SVDs)
+# --- instant numbers at the chosen rank, on one yardstick (re-truncating cached SVDs)
+per_sample = {m: q[:, rank] for m in methods if (q := lab_quadratics(layer, m)) is not None}
 cols = st.columns(len(methods))
 for col, m in zip(cols, methods):
     dec = decs[m].decomposition
     rel = float((W.double() - dec.reconstruct(rank)).norm() / W.double().norm())
-    col.metric(label(m), f"{rel:.3f}", f"pred. {float(dec.predicted_loss[rank]):.2e}", delta_color="off", delta_arrow="off",
-               help="relative reconstruction error ‖W − W_r‖/‖W‖; below: the method's own predicted loss increase")
+    if m in per_sample:
+        mean, lo, hi = bootstrap_interval(per_sample[m])
+        col.metric(label(m), f"{mean:.3g}", f"95% [{lo:.2g}, {hi:.2g}] · rel. error {rel:.3f}", delta_color="off",
+                   delta_arrow="off", help="exact empirical-Fisher quadratic ½ mean_k ⟨G_k, W − W_r⟩² (loss units) with "
+                   "its bootstrap interval over the calibration samples; then ‖W − W_r‖/‖W‖")
+    else:
+        col.metric(label(m), f"{rel:.3f}", "rel. error (no per-sample gradients)", delta_color="off", delta_arrow="off")
+if len(per_sample) >= 2:
+    verdict = best_of(per_sample)
+    unresolved = [label(o) for o, ok in verdict["resolved"].items() if not ok]
+    st.markdown(f"**Lowest loss at rank {rank}: {label(verdict['best'])}** — "
+                + ("resolved against every other method (paired 95% bootstrap interval of the difference excludes 0)."
+                   if not unresolved else f"not resolved against {', '.join(unresolved)}: with "
+                   f"{exp.stats[layer].num_samples} calibration samples the difference is within noise."))
+st.caption("Why reconstruction error and loss disagree: plain SVD minimises ‖W − W_r‖ and treats every direction "
+           "alike, while the loss only cares about directions the calibration inputs and gradients excite. A "
+           "Fisher-weighted method can have a larger reconstruction error (even above 1, worse than zeroing W, in "
+           "directions the data never uses) and still change the loss less.")
 
 # --- curves over rank (computed once per layer in the background)
 if layer in w.curve_errors:
@@ -78,17 +109,17 @@ job_panel("Computing rank curves")
 rows = [r for r in w.curves.get(layer, []) if r["method"] in methods]
 if rows:
     c1, c2 = st.columns(2)
-    c1.plotly_chart(charts.curves(rows, "relative_error", "reconstruction error", "‖W − W_r‖ / ‖W‖", marker_rank=rank),
+    c1.plotly_chart(charts.curves(rows, "relative_error", "reconstruction error", "‖W − W_r‖ / ‖W‖", marker_rank=rank, x_max=max_rank),
                     config=charts.EXPORT_CONFIG, key="c_rel")
     c2.plotly_chart(charts.curves(rows, "own_weighted_error", "each method's own weighted error",
-                                  "‖L_outᵀ (W − W_r) L_in‖² (own units)", marker_rank=rank),
+                                  "‖L_outᵀ (W − W_r) L_in‖² (own units)", marker_rank=rank, x_max=max_rank),
                     config=charts.EXPORT_CONFIG, key="c_own")
     c3, c4 = st.columns(2)
     c3.plotly_chart(charts.curves(rows, "kronecker_predicted_loss", "predicted loss increase (GFWSVD Kronecker Fisher)",
-                                  "½ tr(dWᵀ B dW A) (loss units)", marker_rank=rank),
+                                  "½ tr(dWᵀ B dW A) (loss units)", marker_rank=rank, x_max=max_rank),
                     config=charts.EXPORT_CONFIG, key="c_kron")
     c4.plotly_chart(charts.curves(rows, "exact_quadratic", "exact empirical-Fisher quadratic",
-                                  "mean_k ⟨G_k, dW⟩² / 2 (loss units)", marker_rank=rank),
+                                  "mean_k ⟨G_k, dW⟩² / 2 (loss units)", marker_rank=rank, x_max=max_rank),
                     config=charts.EXPORT_CONFIG, key="c_exact")
 
 spec = {label(m): v.tolist() for m, v in weighted_spectra({m: decs[m] for m in methods}).items()}

@@ -161,6 +161,12 @@ def test_factors_page(loaded):
     assert not at.exception and len(charts(at)) == 7
 
 
+def label_of(method: str) -> str:
+    from gfwsvd_core.methods import method_class
+
+    return method_class(method).label
+
+
 def test_layer_lab_page(loaded):
     at = loaded
     at.switch_page("pages/layer_lab.py").run()
@@ -170,6 +176,22 @@ def test_layer_lab_page(loaded):
     at.slider(key="lab_rank").set_value(2).run()
     assert not at.exception
     assert [m.value for m in at.metric] != before
+    # the headline: one unit (the exact quadratic) for every method, its interval, and the best method
+    from gfwsvd_core.yardstick import best_of
+
+    w = at.session_state["ws"]
+    layer = at.selectbox(key="lab_layer").value
+    decs = {m: w.exp.decompositions[k][layer] for m in ("svd", "fwsvd", "kfac", "gfwsvd")
+            for k in w.exp.decompositions if k == m}
+    assert len(at.metric) == len(decs) == 4
+    for metric, (m, d) in zip(at.metric, decs.items()):
+        assert float(metric.value) == pytest.approx(float(d.exact_curve[2]), rel=6e-3)  # shown to 3 digits
+        assert "95% [" in metric.delta and "rel. error" in metric.delta
+    best = min(decs, key=lambda m: float(decs[m].exact_curve[2]))
+    verdict = [md.value for md in at.markdown if md.value.startswith("**Lowest loss at rank 2")]
+    assert len(verdict) == 1 and f": {label_of(best)}**" in verdict[0]
+    assert ("resolved against every other method" in verdict[0]) == best_of(
+        {m: w.quadratics[(layer, m, id(d))][1][:, 2] for m, d in decs.items()})["all_resolved"]
     button(at, "Measure at this rank").click()
     at.run()
     wait_job(at)
