@@ -12,7 +12,7 @@ be produced from a notebook. Curves compare every method under *common* yardstic
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +97,57 @@ def weighted_spectra(decs: Mapping[str, LayerDecomposition]) -> dict[str, torch.
     return {m: d.decomposition.singular_values.double() for m, d in decs.items()}
 
 
-def kronecker_table(decs: Mapping[str, LayerDecomposition]) -> list[dict]:
+#: rules of thumb for the Kronecker fit, (good at or above, poor below) for eta and
+#: (good at or below, poor above) for the gap s2/s1
+ETA_RANGES = (0.5, 0.2)
+GAP_RANGES = (0.7, 0.9)
+VERDICTS = ("good", "fair", "poor")
+
+
+def sample_note(num_samples: int, shape: tuple[int, int], unit: str) -> Optional[str]:
+    """Why a layer's Fisher has few samples and what that does, or None when K is not small."""
+    m, n = shape
+    if num_samples >= min(m, n):
+        return None
+    why = {"batch": "one sample per calibration batch (the task's loss couples the batch)",
+           "sequence": "one sample per calibration text", "token": "one sample per token"}.get(unit, unit)
+    return (f"K = {num_samples} samples ({why}) for a {m} x {n} layer: the empirical Fisher is a sum of "
+            f"{num_samples} outer products (rank at most {num_samples}), so its Kronecker factors collapse to a few dozen significant "
+            "directions and weight the rest by sampling noise and damping. More calibration texts, or a finer "
+            "sample unit where the task allows it, give better-determined factors.")
+
+
+def judge_kronecker(info: Mapping[str, Any], num_samples: int, shape: tuple[int, int], unit: str) -> dict:
+    """A verdict on one layer's Kronecker fit: ``{"verdict", "reasons"}`` (good / fair / poor).
+
+    eta is the share of ``||F||^2`` that ``A (x) B`` explains: at or above 0.5 the product is most
+    of the Fisher (good), below 0.2 it misses most of it (poor); a gap s2/s1 above 0.9 means the
+    top pair is ill-determined (poor). The reasons link a poor fit to its likely cause."""
+    eta, gap = info.get("eta"), info.get("gap")
+    grades, reasons = [], []
+    if eta is not None:
+        g = 0 if eta >= ETA_RANGES[0] else 2 if eta < ETA_RANGES[1] else 1
+        grades.append(g)
+        if g:
+            reasons.append(f"eta {eta:.2f}: A (x) B explains {'little' if g == 2 else 'part'} of the Fisher "
+                           f"(good >= {ETA_RANGES[0]}, poor < {ETA_RANGES[1]})")
+    if gap is not None:
+        g = 0 if gap <= GAP_RANGES[0] else 2 if gap > GAP_RANGES[1] else 1
+        grades.append(g)
+        if g:
+            reasons.append(f"gap {gap:.2f}: the top Kronecker pair is {'ill-' if g == 2 else 'loosely '}determined "
+                           f"(good <= {GAP_RANGES[0]}, poor > {GAP_RANGES[1]})")
+    if info.get("converged") is False:
+        grades.append(2)
+        reasons.append("the solver did not converge")
+    worst = max(grades, default=1)
+    note = sample_note(num_samples, shape, unit)
+    if worst and note:
+        reasons.append(note)
+    return {"verdict": VERDICTS[worst], "reasons": reasons}
+
+
+def kronecker_table(decs: Mapping[str, LayerDecomposition], stats: Optional[Mapping[str, Any]] = None) -> list[dict]:
     """Per-layer Kronecker diagnostics of GFWSVD decompositions (eta, gap, sweeps, damping, fallbacks)."""
     rows = []
     for name, d in decs.items():
@@ -110,4 +160,8 @@ def kronecker_table(decs: Mapping[str, LayerDecomposition]) -> list[dict]:
             "fallback_out": d.info.get("left_fell_back"), "fallback_in": d.info.get("right_fell_back"),
             "seconds": round(d.seconds, 3),
         })
+        if stats is not None and name in stats:
+            st_ = stats[name]
+            j = judge_kronecker(k, st_.num_samples, d.shape, st_.sample_unit)
+            rows[-1] = {"layer": name, "verdict": j["verdict"], **{c: v for c, v in rows[-1].items() if c != "layer"}}
     return rows

@@ -1,8 +1,9 @@
 """Fisher factors: spectra and heatmaps of GFWSVD's Kronecker factors beside K-FAC and the diagonal Fisher."""
 
+import pandas as pd
 import streamlit as st
 
-from gfwsvd_core.explore import kronecker_table, pool, spectrum
+from gfwsvd_core.explore import ETA_RANGES, GAP_RANGES, judge_kronecker, kronecker_table, pool, spectrum
 from gfwsvd_ui import charts
 from gfwsvd_ui.state import color, decompositions, label, pending_note, require_stats, short
 
@@ -49,6 +50,10 @@ c[2].metric("gap s₂/s₁", f"{k.get('gap', float('nan')):.3f}", help="near 1: 
 c[3].metric("solver steps", k.get("sweeps"), help=f"{k.get('method', '')}: Krylov (Lanczos) steps, or ALS sweeps")
 c[4].metric("damping, output side", f"{d.info.get('left_damping', 0):.0e}", help="added to B before its root (relative)")
 c[5].metric("damping, input side", f"{d.info.get('right_damping', 0):.0e}", help="added to A before its root (relative)")
+judged = judge_kronecker(k, stats.num_samples, d.shape, stats.sample_unit)
+show = {"good": st.success, "fair": st.info, "poor": st.warning}[judged["verdict"]]
+show(f"Kronecker fit of this layer: **{judged['verdict']}**"
+     + ("" if not judged["reasons"] else ". " + " ".join(r[0].upper() + r[1:] + "." for r in judged["reasons"])))
 if d.info.get("left_fell_back") or d.info.get("right_fell_back"):
     st.warning("A factor of this layer was unusable and fell back to the identity: this layer is plain SVD on that side.")
 
@@ -86,8 +91,15 @@ st.plotly_chart(charts.heatmap(pool(diag.clamp_min(1e-30).log10()), "diagonal Fi
 st.subheader("Kronecker diagnostics, all layers")
 if len(decs) < len(names):
     st.caption(f"{len(decs)} of {len(names)} layers ready; the others are still being computed.")
-table = [{**r, "layer": short(r["layer"])} for r in kronecker_table(decs)]
-st.dataframe(table, hide_index=True, width="stretch",
+table = [{**r, "layer": short(r["layer"])} for r in kronecker_table(decs, exp.stats)]
+st.caption(f"Verdict: good when eta >= {ETA_RANGES[0]} and the gap s₂/s₁ <= {GAP_RANGES[0]}; poor when eta < "
+           f"{ETA_RANGES[1]}, the gap > {GAP_RANGES[1]} or the solver did not converge; fair otherwise. Select a "
+           "layer above for the reasons.")
+VERDICT_COLOURS = {"good": "#d8f0d8", "fair": "#fff3c4", "poor": "#f8d0d0"}
+styled = pd.DataFrame(table).style.apply(
+    lambda row: [f"background-color: {VERDICT_COLOURS.get(row['verdict'], '')}" if c == "verdict" else "" for c in row.index],
+    axis=1)
+st.dataframe(styled, hide_index=True, width="stretch",
              column_config={"eta": st.column_config.NumberColumn(format="%.3f"),
                             "fit_error": st.column_config.NumberColumn(format="%.3f"),
                             "gap": st.column_config.NumberColumn(format="%.3f")})

@@ -6,6 +6,7 @@ from pathlib import Path
 import streamlit as st
 
 from gfwsvd_core import pipeline
+from gfwsvd_core.explore import sample_note
 from gfwsvd_core.tasks import available_tasks, task_class
 from gfwsvd_ui.state import METHODS, busy, job_panel, reset, shared_model, start_job, ws
 
@@ -122,6 +123,10 @@ if exp.stats:
              "tokens": s.num_tokens, "storage": s.storage or "-", "MiB": round(s.nbytes() / 2**20, 1)}
             for n, s in exp.stats.items()]
     st.dataframe(rows, hide_index=True, width="stretch")
+    widest = max(exp.stats.values(), key=lambda s: min(s.shape))  # K is the same for every layer
+    note = sample_note(widest.num_samples, widest.shape, widest.sample_unit)
+    if note:
+        st.info(note, icon=":material/info:")
     t = exp.timings
     st.caption("Timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()))
     st.page_link("pages/factors.py", label="Next: look at the Fisher factors", icon=":material/arrow_forward:")

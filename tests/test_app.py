@@ -159,6 +159,19 @@ def test_factors_page(loaded):
     assert len(at.dataframe) == 1  # Kronecker diagnostics of all layers
     at.selectbox(key="factors_layer").select_index(3).run()
     assert not at.exception and len(charts(at)) == 7
+    # the fit is judged, and the judgement is the library's for this layer
+    from gfwsvd_core.explore import judge_kronecker
+
+    w = at.session_state["ws"]
+    layer = at.selectbox(key="factors_layer").value
+    d, s = w.exp.decompositions["gfwsvd"][layer], w.exp.stats[layer]
+    want = judge_kronecker(d.info["kronecker"], s.num_samples, d.shape, s.sample_unit)["verdict"]
+    shown = [e.value for e in (*at.success, *at.info, *at.warning) if "Kronecker fit of this layer" in e.value]
+    assert shown == [next(e.value for e in {"good": at.success, "fair": at.info, "poor": at.warning}[want]
+                          if "Kronecker fit" in e.value)]
+    assert f"**{want}**" in shown[0]
+    table = at.dataframe[0].value
+    assert list(table.columns[:2]) == ["layer", "verdict"] and set(table["verdict"]) <= {"good", "fair", "poor"}
 
 
 def label_of(method: str) -> str:

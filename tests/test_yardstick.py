@@ -34,3 +34,18 @@ def test_best_of_is_paired_and_says_when_it_is_resolved():
     noisy = {"a": base, "b": base + 0.3 * torch.randn(16, generator=g, dtype=torch.float64)}
     out = best_of(noisy)
     assert out["resolved"] == {("b" if out["best"] == "a" else "a"): False} and not out["all_resolved"]
+
+
+def test_kronecker_verdicts_and_their_causes():
+    from gfwsvd_core.explore import judge_kronecker, sample_note
+
+    good = judge_kronecker({"eta": 0.8, "gap": 0.3, "converged": True}, 512, (64, 32), "sequence")
+    assert good == {"verdict": "good", "reasons": []}
+    fair = judge_kronecker({"eta": 0.3, "gap": 0.5}, 512, (64, 32), "sequence")
+    assert fair["verdict"] == "fair" and len(fair["reasons"]) == 1 and "eta 0.30" in fair["reasons"][0]
+    poor = judge_kronecker({"eta": 0.07, "gap": 0.57}, 16, (1536, 384), "batch")
+    assert poor["verdict"] == "poor"
+    assert poor["reasons"][-1] == sample_note(16, (1536, 384), "batch") and "K = 16" in poor["reasons"][-1]
+    assert judge_kronecker({"eta": 0.9, "gap": 0.95}, 512, (64, 32), "token")["verdict"] == "poor"
+    assert judge_kronecker({"eta": 0.9, "gap": 0.1, "converged": False}, 512, (64, 32), "token")["verdict"] == "poor"
+    assert sample_note(512, (64, 32), "token") is None
