@@ -456,14 +456,17 @@ def collect_statistics(
             for name in group:
                 selected[name].weight.requires_grad_(needs_grad)
             seen = 0
+            of = f" of {total}" if total else ""
             for batch in batches:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("statistics collection cancelled")
+                if callable(progress):  # say what runs now, not only what has finished
+                    bar(done, total, f"statistics: batch {done + 1}{of} ({len(group)} layers)")
                 _run_batch(model, _to_device(batch, device), loss_fn, {n: selected[n] for n in group}, accs,
                            sample_unit, needs_grad)
                 seen += 1
                 done += 1
-                bar(done, total, f"statistics: {len(group)} layers")
+                bar(done, total, f"statistics: {done}{of} batches done ({len(group)} layers)")
             if seen == 0:
                 raise ValueError("no calibration batches: the data produced nothing to collect statistics from")
             for name in group:

@@ -3,6 +3,7 @@ timings, option validation, and the CLI's split between user errors and bugs."""
 
 import io
 import json
+import time
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
@@ -276,3 +277,20 @@ def test_layer_warnings_reach_the_report_and_the_cli(capsys):
     assert out == ["skipped 1 of 9 texts", "a: the input-side weight is zero"]
     cli._print_warnings({"warnings": out})
     assert capsys.readouterr().err.splitlines() == ["warning: skipped 1 of 9 texts", "warning: a: the input-side weight is zero"]
+
+
+@pytest.mark.slow
+def test_time_estimate_is_measured_stable_and_close():
+    """The Model & data page's estimate: stable across reloads and near the real statistics pass."""
+    from gfwsvd_core import pipeline
+
+    first = pipeline.prepare(samples=24, eval_samples=8, max_length=64, device="cpu")
+    again = pipeline.prepare(samples=24, eval_samples=8, max_length=64, device="cpu")
+    a, b = first.time_estimate(), again.time_estimate()
+    assert first.time_estimate() is a  # measured once per experiment
+    assert set(a) == {"statistics", "kronecker"} and all(v > 0 for v in a.values())
+    assert 1 / 1.3 <= a["kronecker"] / b["kronecker"] <= 1.3  # flop model x best-of-three matmul rate
+    t0 = time.perf_counter()
+    pipeline.collect(first)
+    actual = time.perf_counter() - t0
+    assert actual / 2.5 <= a["statistics"] <= actual * 2.5, (a, actual)  # a loose bound: shared CI machines
