@@ -26,7 +26,7 @@ with st.sidebar:
         st.write(f"{len(exp.calib.texts)} calibration / {len(exp.evaluation.texts)} held-out texts")
         st.write("statistics: " + ("collected" if exp.stats else "not yet"))
     if w.job is not None and w.job.running:
-        st.write(f"⏳ {w.job.name}: {w.job.message}")
+        st.write(f":material/hourglass_top: {w.job.name}: {w.job.message}")
     filler_panel()
 
 nav.run()

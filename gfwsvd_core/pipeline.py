@@ -327,7 +327,15 @@ def run_compression(exp: Experiment, method: Any, ratio: Optional[float] = None,
         rep["prediction_check"] = check
         if check.get("warning"):
             rep["warnings"].append(check["warning"])
+    fid = (metrics or {}).get("fidelity")
+    if fid is not None and fid < FIDELITY_FLAG:
+        rep["warnings"].append(f"fidelity {fid:.2f}: the compressed model's outputs are far from the dense model's "
+                               f"(mean cosine below {FIDELITY_FLAG}); keep more parameters or compare methods in a sweep")
     return comp, rep
+
+
+#: a fidelity (mean cosine of compressed and dense outputs) below this is a report warning
+FIDELITY_FLAG = 0.9
 
 
 #: the time estimate's model of a Kronecker solve: Krylov steps per layer (6-10 measured on the

@@ -294,7 +294,8 @@ def filler_panel() -> None:
             return
         st.caption("Decompositions (the layer on screen first):")
         for m in todo:
-            st.caption(f"{'⏳' if f is not None and f.running else '⏸'} {label(m)}: {fill_status(m)}")
+            icon = ":material/hourglass_top:" if f is not None and f.running else ":material/pause:"
+            st.caption(f"{icon} {label(m)}: {fill_status(m)}")
         if f is not None and f.running:
             if st.button("Stop computing", key="filler-cancel", help="finished layers stay; resume any time"):
                 f.cancel()
@@ -313,14 +314,19 @@ def pending_note(method: str, what: str = "this page") -> None:
         st.error(f"{label(method)}'s decomposition failed ({f.errors[method]}); {what} cannot use it. "
                  + ("Fix the input and collect again." if method in f.user_errors else "This is a bug in gfwsvd."))
     else:
-        st.info(f"⏳ {label(method)} is still being computed ({fill_status(method)}); {what} fills in when it is "
+        st.info(f":material/hourglass_top: {label(method)} is still being computed ({fill_status(method)}); {what} fills in when it is "
                 "ready. The other methods can be used meanwhile.")
 
 
 def require_stats() -> Any:
     exp = require_experiment()
     if exp.stats is None:
-        st.info("Collect statistics on the **Model & data** page first.")
+        w = ws()
+        if w.job is not None and w.job.running and w.job.name == "Collecting statistics":
+            st.info(f":material/hourglass_top: The statistics are being collected ({w.job.message or 'starting'}); "
+                    "this page fills in when they are in.")
+        else:
+            st.info("Collect statistics on the **Model & data** page first.")
         st.page_link("pages/model_data.py", label="Go to Model & data", icon=":material/database:")
         st.stop()
     return exp

@@ -10,6 +10,7 @@ import streamlit as st
 from gfwsvd_core import pipeline
 from gfwsvd_core.errors import GfwsvdUserError
 from gfwsvd_core.io import output_root, resolve_output_folder, save_compressed
+from gfwsvd_core.ranks import kept_params, uniform_ranks
 from gfwsvd_ui.state import METHODS, busy, complete, decompositions, job_panel, label, pending_note, require_stats, start_job, ws
 
 st.title("Export")
@@ -20,7 +21,15 @@ if not w.ranks:
             "Choose ranks on the **Ranks** page.")
 method = st.selectbox("Method", METHODS, index=METHODS.index(w.rank_method), format_func=label, key="export_method")
 dense = sum(1 for r in w.ranks.values() if r is None)
-st.caption(f"{len(w.ranks) - dense} layers factorised, {dense} kept dense; ranks from the Ranks page.")
+st.caption(f"{len(w.ranks) - dense} layers factorised, {dense} kept dense; ranks from the Ranks page "
+           f"({w.rank_rule}).")
+shapes = {n: tuple(s.shape) for n, s in exp.stats.items()}
+after, before = kept_params(shapes, w.ranks or uniform_ranks(shapes, 0.5))
+total = sum(p.numel() for p in exp.model.parameters())
+saved = before - after
+bytes_per = next(exp.model.parameters()).element_size()
+st.caption(f"Before compressing: the chosen ranks keep {after / before:.3f} of the compressed layers' weights and "
+           f"{(total - saved) / total:.3f} of the model, about {saved * bytes_per / 2**20:.1f} MiB smaller.")
 
 if not complete(method):
     decompositions(method)  # redraw when it is complete

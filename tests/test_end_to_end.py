@@ -195,3 +195,19 @@ def test_prediction_check_beside_measured_and_warned(tmp_path, monkeypatch):
     pipeline.collect(exp, ["kfac"])
     _, rep = pipeline.run_compression(exp, "kfac", ratio=0.3)
     assert "prediction_check" not in rep
+
+
+def test_low_fidelity_is_a_report_warning(tmp_path, monkeypatch):
+    folder = tiny_models.save_tiny(tiny_models.tiny_bert(), tmp_path / "model")
+    exp = pipeline.prepare(model=str(folder), task="retrieval", samples=8, eval_samples=8, max_length=24, device="cpu")
+    pipeline.collect(exp, ["svd"])
+    _, rep = pipeline.run_compression(exp, "svd", ratio=0.3)
+    fid = rep["metrics"]["fidelity"]
+    monkeypatch.setattr(pipeline, "FIDELITY_FLAG", fid + 1e-6)
+    _, rep = pipeline.run_compression(exp, "svd", ratio=0.3)
+    assert [w for w in rep["warnings"] if w.startswith("fidelity")] == [
+        f"fidelity {fid:.2f}: the compressed model's outputs are far from the dense model's (mean cosine below "
+        f"{fid + 1e-6}); keep more parameters or compare methods in a sweep"]
+    monkeypatch.setattr(pipeline, "FIDELITY_FLAG", fid - 1e-6)
+    _, rep = pipeline.run_compression(exp, "svd", ratio=0.3)
+    assert not [w for w in rep["warnings"] if w.startswith("fidelity")]
