@@ -108,24 +108,47 @@ def sweep_curves(rows: Sequence[dict], metric: str, higher_is_better: bool) -> g
     return _layout(fig, f"{metric} vs parameters kept ({arrow})", "parameters kept in compressed layers (fraction)", metric)
 
 
+def _grid_position(ranks_grid: Sequence[int], r: float) -> float:
+    """Position of rank ``r`` on the category axis of ``ranks_grid`` (interpolated between columns)."""
+    g = list(ranks_grid)
+    if r <= g[0]:
+        return 0.0
+    for i in range(len(g) - 1):
+        if g[i] <= r <= g[i + 1]:
+            return i + (r - g[i]) / (g[i + 1] - g[i])
+    return float(len(g) - 1) + 0.5  # past the last column: just right of it
+
+
 def rank_heatmap(layers: Sequence[str], ranks_grid: Sequence[int], z, chosen: Mapping[str, object],
-                 title: str = "predicted loss increase per layer and rank") -> go.Figure:
-    """Layer x rank heatmap of predicted loss (log10); chosen ranks marked; click to choose."""
+                 title: str = "predicted loss increase per layer and rank",
+                 break_even: Optional[Mapping[str, float]] = None) -> go.Figure:
+    """Layer x rank heatmap of predicted loss (log10); chosen ranks marked at their exact rank
+    (between grid columns when off the grid) and each layer's break-even rank ticked; click to choose."""
     finite = [v for row in z for v in row if v is not None and v > -29]  # -30 = a predicted loss of exactly 0
     zmin = min(finite, default=-30.0)
     z = [[None if v is None else max(v, zmin) for v in row] for row in z]  # None: still computing
     fig = go.Figure(go.Heatmap(z=z, x=[str(r) for r in ranks_grid], y=list(layers), colorscale="Viridis",
                                colorbar=dict(title="log10 loss", thickness=10),
-                               hovertemplate="layer %{y}<br>rank %{x}<br>log10 predicted loss %{z:.2f}<extra></extra>"))
-    xs, ys = [], []
+                               hovertemplate="layer %{y}<br>rank %{x}<br>log10 loss %{z:.2f}<extra></extra>"))
+    xs, ys, texts = [], [], []
     for name in layers:
         r = chosen.get(name)
         if r is not None:
-            nearest = min(ranks_grid, key=lambda g: abs(g - r))
-            xs.append(str(nearest))
+            xs.append(_grid_position(ranks_grid, float(r)))
             ys.append(name)
+            texts.append(f"{name}: rank {r}")
     fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", marker=dict(symbol="x", color="white", size=9),
-                             name="chosen", hoverinfo="skip"))
+                             name="chosen", text=texts, hovertemplate="%{text}<extra></extra>"))
+    if break_even:
+        bx, by, bt = [], [], []
+        for name in layers:
+            if name in break_even:
+                bx.append(_grid_position(ranks_grid, float(break_even[name])))
+                by.append(name)
+                bt.append(f"{name}: break-even rank {break_even[name]:.0f} (dense from here)")
+        fig.add_trace(go.Scatter(x=bx, y=by, mode="markers", name="break-even", text=bt,
+                                 marker=dict(symbol="line-ns", color="#ff7f0e", size=14, line=dict(width=3, color="#ff7f0e")),
+                                 hovertemplate="%{text}<extra></extra>"))
     fig.update_xaxes(type="category", title_text="rank r")
     fig.update_yaxes(autorange="reversed", title_text="layer")
     fig.update_layout(title=dict(text=title, font=dict(size=14)), height=max(320, 16 * len(layers) + 100),

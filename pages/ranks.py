@@ -91,7 +91,8 @@ layers = list(shapes)
 z = [[math.log10(max(predicted(n, g), 1e-30)) if n in decs else None for g in grid] for n in layers]
 event = st.plotly_chart(charts.rank_heatmap([short(n) for n in layers], grid, z,
                                             {short(n): r for n, r in w.ranks.items()},
-                                            title=f"log10 {yardstick} ({label(method)}), per layer and rank"),
+                                            title=f"log10 {yardstick} ({label(method)}), per layer and rank",
+                                            break_even={short(n): break_even_rank(*shapes[n]) for n in layers}),
                         on_select="rerun", selection_mode="points", key=f"rank_heatmap_{st.session_state['editor_version']}",
                         config=charts.EXPORT_CONFIG)
 points = (event or {}).get("selection", {}).get("points", []) if isinstance(event, dict) or hasattr(event, "get") else []
@@ -108,8 +109,10 @@ if points:
             w.rank_rule = "edited by hand (heatmap or table)"
             st.session_state["editor_version"] += 1
             st.rerun()
-st.caption(f"Colour: log10 of the {yardstick} at each rank (empty rows: still computing). Click a cell "
-           "to give that layer that rank; a rank at or above break-even keeps the layer dense.")
+st.caption(f"Colour: log10 of the {yardstick} at each rank (empty rows: still computing). "
+           "The rank columns are log-spaced, not evenly spaced. White x: the layer's current rank, at its exact "
+           "position between columns; orange tick: its break-even rank, from which the layer stays dense. Click a "
+           "cell to give that layer that column's rank (any rank: type it in the table below).")
 
 # --- editable table
 rows = [{"layer": n, "shape": f"{shapes[n][0]}x{shapes[n][1]}", "rank": w.ranks.get(n),
