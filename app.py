@@ -1,10 +1,12 @@
 """gfwsvd explorer: Streamlit router over pages/ with a shared sidebar."""
 
+from pathlib import Path
+
 import streamlit as st
 
 from gfwsvd_ui.state import filler_panel, ws
 
-st.set_page_config(page_title="gfwsvd explorer", page_icon=":material/compress:", layout="wide")
+st.set_page_config(page_title="gfwsvd explorer", page_icon=str(Path(__file__).parent / "assets" / "favicon.png"), layout="wide")
 
 pages = [
     st.Page("pages/model_data.py", title="Model & data", icon=":material/database:", default=True),

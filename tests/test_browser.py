@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from urllib.parse import urlparse
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -86,7 +87,16 @@ def page(server):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         context = browser.new_context(viewport={"width": 1440, "height": 900}, accept_downloads=True)
+        outside: list[str] = []  # every request that would leave this machine (the app must work offline)
+
+        def record(request):
+            host = urlparse(request.url).hostname
+            if request.url.split(":", 1)[0] in ("http", "https", "ws", "wss") and host not in ("127.0.0.1", "localhost"):
+                outside.append(request.url)
+
+        context.on("request", record)
         pg = context.new_page()
+        pg.outside_requests = outside
         pg.set_default_timeout(60_000)
         yield pg
         context.close()
@@ -252,4 +262,5 @@ def test_explorer_end_to_end(server, page, tmp_path):
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
     assert hidden.shape[:2][0] == 2 and torch.isfinite(hidden).all()
     no_exception(page)
+    assert page.outside_requests == [], f"requests left 127.0.0.1: {sorted(set(page.outside_requests))[:10]}"
     print("\nbrowser timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
