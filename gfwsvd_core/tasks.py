@@ -115,6 +115,7 @@ class Task(abc.ABC):
     def prepare_tokenizer(cls, tokenizer, name: str = "") -> None:
         """Adjust a freshly loaded tokenizer for this task's batches (nothing by default)."""
     higher_is_better: dict[str, bool] = {}
+    metric_help: dict[str, str] = {}  # one line per metric: what it measures (shown beside it)
     primary_metric: str = "loss"
 
     @abc.abstractmethod
@@ -172,6 +173,14 @@ class RetrievalTask(Task):
     sample_units = ("token", "batch")  # the InfoNCE loss couples the batch: no per-sequence loss
     min_words = 2  # split into a query and a passage
     higher_is_better = {"loss": False, "top1": True, "mrr": True, "fidelity": True}
+    metric_help = {
+        "loss": "InfoNCE of each query against every held-out passage at temperature 0.05: a training "
+                "objective, not a quality score; it can improve while retrieval gets worse",
+        "top1": "share of held-out queries whose own passage scores highest among all held-out passages",
+        "mrr": "mean of 1 / (rank of the query's own passage) over held-out queries",
+        "fidelity": "mean cosine between the compressed and the dense model's embeddings of the same texts "
+                    "(1 = unchanged)",
+    }
     primary_metric = "top1"
     temperature = 0.05
 
@@ -280,6 +289,8 @@ class CausalLMTask(Task):
         tokenizer.padding_side = "right"
     default_sample_unit = "sequence"
     higher_is_better = {"loss": False, "perplexity": False}
+    metric_help = {"loss": "mean next-token cross-entropy on held-out texts",
+                   "perplexity": "exp(loss): the effective number of equally likely next tokens"}
     primary_metric = "perplexity"
 
     def make_batches(self, tokenizer, texts, labels=None, max_length=128, batch_size=8):
@@ -344,6 +355,8 @@ class ClassificationTask(Task):
     architectures = ("ForSequenceClassification",)
     default_sample_unit = "sequence"
     higher_is_better = {"loss": False, "accuracy": True}
+    metric_help = {"loss": "mean cross-entropy of the true labels on held-out texts",
+                   "accuracy": "share of held-out texts whose predicted label is the true one"}
     primary_metric = "accuracy"
 
     def make_batches(self, tokenizer, texts, labels=None, max_length=128, batch_size=8):

@@ -54,7 +54,8 @@ st.subheader(f"{label(rep['method'])}: kept {rep['kept_ratio']['layers']:.3f} of
              f"{rep['kept_ratio']['model']:.3f} of the model")
 hib = getattr(exp.task, "higher_is_better", {})
 st.dataframe([{"metric": k, "dense": rep["baseline_metrics"][k], "compressed": v,
-               "change": v - rep["baseline_metrics"][k], "better is": "higher" if hib.get(k) else "lower"}
+               "change": v - rep["baseline_metrics"][k], "better is": "higher" if hib.get(k) else "lower",
+               "meaning": getattr(exp.task, "metric_help", {}).get(k, "")}
               for k, v in rep["metrics"].items()], hide_index=True, width="stretch")
 check = rep.get("prediction_check")
 if check:

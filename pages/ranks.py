@@ -169,5 +169,8 @@ if w.sweep:
     for i, metric in enumerate(metrics):
         cols[i % len(cols)].plotly_chart(charts.sweep_curves(rows, metric, hib.get(metric, False)),
                                          config=charts.EXPORT_CONFIG, key=f"sweep_{metric}")
+    helps = getattr(exp.task, "metric_help", {})
+    if helps:
+        st.caption(" · ".join(f"**{k}**: {v}" for k, v in helps.items() if k in metrics))
     st.dataframe([{"method": label(r["method"]) if r["method"] != "dense" else "dense", "kept": round(r["kept_layers"], 3),
                    **{k: round(v, 4) for k, v in r["metrics"].items()}} for r in rows], hide_index=True, width="stretch")

@@ -168,3 +168,12 @@ def test_classification_label_out_of_range(tok):
     (batch,) = task.make_batches(tok, TEXTS[:2], [0, 5])
     with pytest.raises(ValueError, match="out of range"):
         task.fisher_loss(model, batch)
+
+
+def test_every_metric_a_task_reports_is_explained():
+    from gfwsvd_core.tasks import available_tasks, task_class
+
+    for name in available_tasks():
+        cls = task_class(name)
+        assert set(cls.metric_help) == set(cls.higher_is_better), name
+        assert all(len(v) > 20 for v in cls.metric_help.values())
