@@ -6,6 +6,7 @@ from pathlib import Path
 import streamlit as st
 
 from gfwsvd_core import pipeline
+from gfwsvd_core.errors import GfwsvdUserError
 from gfwsvd_core.explore import sample_note
 from gfwsvd_core.tasks import available_tasks, task_class
 from gfwsvd_ui.state import METHODS, busy, job_panel, reset, shared_model, start_job, ws
@@ -15,16 +16,23 @@ st.caption("The embedded default (all-MiniLM-L6-v2 on Python's own help topics) 
 w = ws()
 s = {**pipeline.DEFAULTS, **w.settings}
 
+# outside the form so that only the chosen source's input is shown
+source = st.radio("Calibration text", ["Default corpus (pydoc topics)", "Hugging Face dataset", "Upload a file"],
+                  horizontal=True, key="calib_source")
 with st.form("settings"):
     c1, c2 = st.columns(2)
-    model = c1.text_input("Model", value=s["model"], help="'default' = bundled all-MiniLM-L6-v2; or a Hugging Face id or a local folder")
+    model = c1.text_input("Model", value=s["model"], help="'default' = bundled all-MiniLM-L6-v2; or a Hugging Face id "
+                          "or a local folder. A hub id that is not cached here fails after the hub's retries "
+                          "(about half a minute offline).")
     tasks = ["auto", *available_tasks()]
     task = c2.selectbox("Task", tasks, index=tasks.index(s["task"] or "auto"),
                         format_func=lambda t: "auto (from the model's config)" if t == "auto" else task_class(t).label)
-    source = c1.radio("Calibration text", ["Default corpus (pydoc topics)", "Hugging Face dataset", "Upload a file"],
-                      horizontal=True)
-    dataset = c2.text_input("HF dataset (name or name:config)", value="" if s["calib"] == "default" else str(s["calib"]))
-    upload = st.file_uploader("Text file (.txt, .jsonl, .csv)", type=["txt", "jsonl", "csv"])
+    dataset, upload = "", None
+    if source.startswith("Hugging"):
+        dataset = st.text_input("HF dataset (name or name:config)",
+                                value="" if s["calib"] == "default" else str(s["calib"]))
+    elif source.startswith("Upload"):
+        upload = st.file_uploader("Text file (.txt, .jsonl, .csv)", type=["txt", "jsonl", "csv"])
     c3, c4, c5, c6 = st.columns(4)
     text_column = c3.text_input("Text column (.jsonl/.csv/HF)", value=s["text_column"] or "")
     samples = c4.number_input("Calibration texts", 4, 100000, int(s["samples"]), step=8)
@@ -62,11 +70,18 @@ if submitted:
     }
     w.settings = settings
 
+    shown_name = upload.name if upload is not None else None
+
     def load(progress, cancel):
         progress(0, 3, "loading the model")
         bundle = shared_model(settings["model"], settings["task"], None)
         progress(1, 3, "tokenising calibration and held-out text")
-        exp = pipeline.prepare(bundle=bundle, **settings)
+        try:
+            exp = pipeline.prepare(bundle=bundle, **settings)
+        except GfwsvdUserError as exc:  # name the uploaded file as the user knows it, not its temporary copy
+            if shown_name is None or settings["calib"] not in str(exc):
+                raise
+            raise type(exc)(str(exc).replace(settings["calib"], shown_name)) from exc
         progress(2, 3, "timing one calibration batch for the estimate")
         try:
             exp.time_estimate()  # measured once here, in the background; the page reads the cached value

@@ -58,13 +58,16 @@ def button(at: AppTest, label: str):
 
 
 def submit_settings(at: AppTest, model: str, samples=16, eval_samples=16, max_length=32, source=None, upload=None):
+    if source is not None:  # outside the form: it decides which source input the form shows
+        at.radio(key="calib_source").set_value(source).run()
+        labels = {t.label for t in at.text_input}
+        assert ("HF dataset (name or name:config)" in labels) == source.startswith("Hugging")
+        assert bool(at.file_uploader) == source.startswith("Upload")
     [t for t in at.text_input if t.label == "Model"][0].set_value(model)
     nums = {n.label: n for n in at.number_input}
     nums["Calibration texts"].set_value(samples)
     nums["Held-out texts"].set_value(eval_samples)
     nums["Max tokens per text"].set_value(max_length)
-    if source is not None:
-        at.radio[0].set_value(source)
     if upload is not None:
         at.file_uploader[0].set_value(upload)
     at.form_submit_button[0].click()
@@ -329,6 +332,7 @@ def test_user_errors_are_messages_not_tracebacks(tmp_path):
     submit_settings(at, "default", source="Upload a file", upload=("notes.txt", b"\x00\x01binary", "text/plain"))
     wait_job(at)
     assert any("binary" in e for e in errors(at))
+    assert any("notes.txt" in e for e in errors(at)) and not any("gfwsvd-upload-" in e for e in errors(at)), errors(at)
 
     submit_settings(at, "default", source="Upload a file", upload=("notes.txt", b"one text only\n", "text/plain"))
     wait_job(at)
