@@ -212,8 +212,18 @@ def _print_metrics(rep: dict) -> None:
     base, new = rep.get("baseline_metrics") or {}, rep.get("metrics") or {}
     print(f"method {rep['method']}: kept {rep['kept_ratio']['layers']:.3f} of the compressed layers' "
           f"parameters, {rep['kept_ratio']['model']:.3f} of the model")
+    iv = rep.get("intervals") or {}
+    if iv:
+        print(f"  {iv['level']:.0%} bootstrap intervals over {iv['examples']} held-out examples; "
+              "change: paired, 'not resolved' when its interval includes 0")
     for k in new:
-        print(f"  {k:>10}: {base.get(k, float('nan')):.4f} -> {new[k]:.4f}")
+        line = f"  {k:>10}: {base.get(k, float('nan')):.4f} -> {new[k]:.4f}"
+        if k in iv.get("metrics", {}):
+            lo, hi = iv["metrics"][k]
+            clo, chi = iv["change"][k]
+            line += (f"  [{lo:.4f}, {hi:.4f}]  change {new[k] - base.get(k, float('nan')):+.4f} "
+                     f"[{clo:+.4f}, {chi:+.4f}]{'' if iv['resolved'][k] else ' not resolved'}")
+        print(line)
     dense = rep.get("dense_layers") or []
     if dense:
         print(f"  {len(dense)} layer(s) kept dense (rank at or above break-even)")

@@ -26,6 +26,7 @@ from .meter import StageRecord, lifetime_peak_mb, measure
 from .methods import get_method
 from .models import ModelBundle, default_layers, load_model
 from .stats import LayerStats, collect_statistics, estimate_memory, has_kinds
+from .yardstick import metric_intervals
 
 DEFAULTS = {
     "model": "default", "task": None, "calib": "default", "text_column": None, "split": "train",
@@ -77,10 +78,16 @@ class Experiment:
             self._calib_loss = self.task.measured_loss(self.model, self.calib_batches)
         return self._calib_loss
 
+    def baseline_values(self) -> dict:
+        """Per-example values of the uncompressed model on the evaluation set (computed once)."""
+        if getattr(self, "_baseline_values", None) is None:
+            self._baseline_values = self.task.example_values(self.model, self.eval_batches, self.reference())
+        return self._baseline_values
+
     def baseline_metrics(self) -> dict:
         """Metrics of the uncompressed model on the evaluation set (computed once)."""
         if self._baseline is None:
-            self._baseline = self.task.evaluate(self.model, self.eval_batches, self.reference())
+            self._baseline = self.task.aggregate(self.baseline_values())
         return self._baseline
 
     def time_estimate(self) -> dict[str, float]:
@@ -315,14 +322,19 @@ def run_compression(exp: Experiment, method: Any, ratio: Optional[float] = None,
         layers = layer_report(exp.model, comp, exp.stats, exp.task, exp.calib_batches, measure=measure,
                               progress=progress, cancel=cancel)
     _record(exp, "layer_report", rec, run)
-    base = metrics = check = None
+    base = metrics = check = intervals = None
     if evaluate:
         with _measure(exp) as rec:
             base = exp.baseline_metrics()
-            metrics = exp.task.evaluate(comp.model, exp.eval_batches, exp.reference())
+            values = exp.task.example_values(comp.model, exp.eval_batches, exp.reference())
+            metrics = exp.task.aggregate(values)
+            intervals = metric_intervals(exp.task, values, exp.baseline_values())
+            intervals["baseline"] = metric_intervals(exp.task, exp.baseline_values())["metrics"]
             check = prediction_check(exp, comp, layers)
         _record(exp, "evaluate", rec, run)
     rep = report(exp, comp, base, metrics, layers, ratio, method, run)
+    if intervals is not None:
+        rep["intervals"] = intervals
     if check is not None:
         rep["prediction_check"] = check
         if check.get("warning"):

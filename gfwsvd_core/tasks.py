@@ -21,7 +21,7 @@ import abc
 import contextlib
 import inspect
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -133,8 +133,18 @@ class Task(abc.ABC):
         return None
 
     @abc.abstractmethod
+    def example_values(self, model: nn.Module, batches: Sequence[dict], reference: Any = None) -> dict[str, Tensor]:
+        """Per held-out example, the values its metrics aggregate: ``{name: (N,) tensor}``, one entry
+        per example in batch order (implemented by each task). Resampling examples gives the
+        metrics' bootstrap intervals (:func:`gfwsvd_core.yardstick.metric_intervals`)."""
+
+    def aggregate(self, values: Mapping[str, Tensor]) -> dict[str, float]:
+        """Metrics from per-example values (by default each metric is the mean of its values)."""
+        return {k: float(v.double().mean()) for k, v in values.items()}
+
     def evaluate(self, model: nn.Module, batches: Sequence[dict], reference: Any = None) -> dict[str, float]:
-        """Implemented by each task."""
+        """The task's metrics on held-out batches: ``aggregate(example_values(...))``."""
+        return self.aggregate(self.example_values(model, batches, reference))
 
     def measured_loss(self, model: nn.Module, batches: Sequence[dict]) -> float:
         """Mean over batches of the empirical loss per sample (per pair for retrieval).
@@ -244,25 +254,24 @@ class RetrievalTask(Task):
                 ps.append(p.cpu())
         return torch.cat(qs), torch.cat(ps)
 
-    def evaluate(self, model, batches, reference=None):
-        """Loss, top-1 and MRR against the fixed pool of all evaluation positives; fidelity."""
+    def example_values(self, model, batches, reference=None):
+        """Per query: InfoNCE loss, top-1 and reciprocal rank against the fixed pool of all
+        evaluation positives; per pair, the mean fidelity of its query and its passage."""
         if not batches:
             raise DataError("no evaluation batches")
         q, p = self.reference_outputs(model, batches)  # (N, d) each
         scores = q @ p.T  # (N, N) cosines
         n = scores.shape[0]
         target = torch.arange(n)
-        loss = F.cross_entropy(scores / self.temperature, target)
         correct = scores[target, target]
         rank = 1 + (scores > correct[:, None]).sum(1)  # strict: ties favour the positive
-        out = {"loss": float(loss), "top1": float((rank == 1).float().mean()),
-               "mrr": float((1.0 / rank.float()).mean())}
+        out = {"loss": F.cross_entropy(scores / self.temperature, target, reduction="none"),
+               "top1": (rank == 1).float(), "mrr": 1.0 / rank.float()}
         if reference is not None:
             rq, rp = reference
             if rq.shape != q.shape or rp.shape != p.shape:
                 raise ValueError("the reference embeddings come from other batches; compute them on the same batches")
-            fid = torch.cat([(q * rq).sum(-1), (p * rp).sum(-1)])
-            out["fidelity"] = float(fid.mean())
+            out["fidelity"] = 0.5 * ((q * rq).sum(-1) + (p * rp).sum(-1))
         return out
 
 
@@ -326,19 +335,24 @@ class CausalLMTask(Task):
         nll, _ = self._token_nll(model, batch, fisher, generator)
         return nll.sum(1)  # (B,)
 
-    def evaluate(self, model, batches, reference=None):
-        """Mean token NLL over all valid targets and its perplexity."""
+    def example_values(self, model, batches, reference=None):
+        """Per held-out text: its summed next-token NLL and its number of targets."""
         if not batches:
             raise DataError("no evaluation batches")
-        total, count = 0.0, 0
+        sums, counts = [], []
         with _eval_mode(model):
             for b in batches:
                 nll, valid = self._token_nll(model, b)
-                total += float(nll.sum())
-                count += int(valid.sum())
+                sums.append(nll.detach().double().sum(1).cpu())
+                counts.append(valid.sum(1).double().cpu())
+        return {"nll_sum": torch.cat(sums), "targets": torch.cat(counts)}
+
+    def aggregate(self, values):
+        """Mean token NLL over all valid targets and its perplexity."""
+        count = float(values["targets"].sum())
         if count == 0:
             raise DataError("the evaluation texts have no next-token targets; use longer texts")
-        loss = total / count
+        loss = float(values["nll_sum"].sum()) / count
         return {"loss": loss, "perplexity": math.exp(loss)}
 
 
@@ -393,18 +407,17 @@ class ClassificationTask(Task):
             labels = _sample(torch.softmax(logits.detach(), dim=-1), generator)
         return F.cross_entropy(logits, labels, reduction="none")  # (B,)
 
-    def evaluate(self, model, batches, reference=None):
-        """Mean cross-entropy and accuracy over all samples."""
+    def example_values(self, model, batches, reference=None):
+        """Per held-out text: cross-entropy of its label and whether the prediction is right."""
         if not batches:
             raise DataError("no evaluation batches")
-        total, correct, n = 0.0, 0, 0
+        losses, correct = [], []
         with _eval_mode(model):
             for b in batches:
                 logits, labels = self._logits(model, b)
-                total += float(F.cross_entropy(logits, labels, reduction="sum"))
-                correct += int((logits.argmax(-1) == labels).sum())
-                n += labels.numel()
-        return {"loss": total / n, "accuracy": correct / n}
+                losses.append(F.cross_entropy(logits, labels, reduction="none").detach().cpu())
+                correct.append((logits.argmax(-1) == labels).float().cpu())
+        return {"loss": torch.cat(losses), "accuracy": torch.cat(correct)}
 
 
 # --------------------------------------------------------------------------- registry

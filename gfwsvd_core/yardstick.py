@@ -104,3 +104,39 @@ def best_of(per_sample: dict[str, torch.Tensor], level: float = 0.95) -> dict:
         _, lo, _ = bootstrap_interval(v.double() - per_sample[best].double(), level)
         resolved[other] = lo > 0
     return {"best": best, "resolved": resolved, "all_resolved": all(resolved.values())}
+
+
+def metric_intervals(task, values: dict, reference_values: Optional[dict] = None, level: float = 0.95,
+                     resamples: int = 1000, seed: int = 0) -> dict:
+    """Bootstrap intervals of a task's metrics over its held-out examples.
+
+    ``values`` are ``task.example_values(...)`` of one model; each resample draws the examples
+    with replacement and re-aggregates them (``task.aggregate``), so ratios such as a token-
+    weighted loss are resampled correctly. With ``reference_values`` (the dense model on the same
+    examples) the same draws give the interval of the change, paired per example: a change whose
+    interval excludes zero is resolved. Returns ``{"level", "metrics": {m: [lo, hi]},
+    "change": {m: [lo, hi]}, "resolved": {m: bool}}`` (the last two only with a reference)."""
+    n = next(iter(values.values())).shape[0]
+    g = torch.Generator().manual_seed(seed)
+    a = (1 - level) / 2
+    draws: dict[str, list[float]] = {}
+    diffs: dict[str, list[float]] = {}
+    for _ in range(resamples):
+        idx = torch.randint(0, n, (n,), generator=g)
+        m = task.aggregate({k: v[idx] for k, v in values.items()})
+        for k, v in m.items():
+            draws.setdefault(k, []).append(v)
+        if reference_values is not None:
+            base = task.aggregate({k: v[idx] for k, v in reference_values.items()})
+            for k, v in m.items():
+                diffs.setdefault(k, []).append(v - base[k])
+
+    def span(xs: list[float]) -> list[float]:
+        t = torch.tensor(xs, dtype=torch.float64)
+        return torch.quantile(t, torch.tensor([a, 1 - a], dtype=torch.float64)).tolist()
+
+    out = {"level": level, "examples": n, "metrics": {k: span(v) for k, v in draws.items()}}
+    if reference_values is not None:
+        out["change"] = {k: span(v) for k, v in diffs.items()}
+        out["resolved"] = {k: not (lo <= 0 <= hi) for k, (lo, hi) in out["change"].items()}
+    return out

@@ -53,10 +53,24 @@ comp, rep = w.compressed
 st.subheader(f"{label(rep['method'])}: kept {rep['kept_ratio']['layers']:.3f} of the compressed layers, "
              f"{rep['kept_ratio']['model']:.3f} of the model")
 hib = getattr(exp.task, "higher_is_better", {})
+iv = rep.get("intervals") or {}
+
+
+def _span(pair) -> str:
+    return "" if not pair else f"[{pair[0]:.4g}, {pair[1]:.4g}]"
+
+
 st.dataframe([{"metric": k, "dense": rep["baseline_metrics"][k], "compressed": v,
-               "change": v - rep["baseline_metrics"][k], "better is": "higher" if hib.get(k) else "lower",
+               "compressed 95%": _span(iv.get("metrics", {}).get(k)),
+               "change": v - rep["baseline_metrics"][k], "change 95%": _span(iv.get("change", {}).get(k)),
+               "resolved": iv.get("resolved", {}).get(k),
+               "better is": "higher" if hib.get(k) else "lower",
                "meaning": getattr(exp.task, "metric_help", {}).get(k, "")}
               for k, v in rep["metrics"].items()], hide_index=True, width="stretch")
+if iv:
+    st.caption(f"Intervals: {iv['level']:.0%} bootstrap over the {iv['examples']} held-out examples; the change is "
+               "paired (dense and compressed on the same draws). A change whose interval includes 0 is not resolved: "
+               "with this many held-out texts it could be noise.")
 check = rep.get("prediction_check")
 if check:
     pc = st.columns(3)

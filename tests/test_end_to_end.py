@@ -211,3 +211,22 @@ def test_low_fidelity_is_a_report_warning(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "FIDELITY_FLAG", fid - 1e-6)
     _, rep = pipeline.run_compression(exp, "svd", ratio=0.3)
     assert not [w for w in rep["warnings"] if w.startswith("fidelity")]
+
+
+def test_reports_carry_paired_bootstrap_intervals(tmp_path):
+    folder = tiny_models.save_tiny(tiny_models.tiny_bert(), tmp_path / "model")
+    exp = pipeline.prepare(model=str(folder), task="retrieval", samples=8, eval_samples=12, max_length=24, device="cpu")
+    pipeline.collect(exp, ["svd"])
+    _, rep = pipeline.run_compression(exp, "svd", ratio=0.3)
+    iv = rep["intervals"]
+    assert iv["examples"] == 12 and iv["level"] == 0.95
+    assert set(iv["metrics"]) == set(rep["metrics"]) == set(iv["change"]) == set(iv["resolved"]) == set(iv["baseline"])
+    for k, v in rep["metrics"].items():
+        lo, hi = iv["metrics"][k]
+        assert lo <= v + 1e-12 and v - 1e-12 <= hi, k
+        blo, bhi = iv["baseline"][k]
+        assert blo <= rep["baseline_metrics"][k] + 1e-12 <= bhi + 2e-12, k
+        clo, chi = iv["change"][k]
+        assert iv["resolved"][k] == (not clo <= 0 <= chi)
+    # the evaluation the intervals come from is the report's: same per-example values
+    assert exp.task.aggregate(exp.baseline_values()) == rep["baseline_metrics"]

@@ -1,5 +1,6 @@
 """Intervals and paired comparisons of the common yardstick."""
 
+import pytest
 import torch
 
 from gfwsvd_core.yardstick import best_of, bootstrap_interval
@@ -49,3 +50,26 @@ def test_kronecker_verdicts_and_their_causes():
     assert judge_kronecker({"eta": 0.9, "gap": 0.95}, 512, (64, 32), "token")["verdict"] == "poor"
     assert judge_kronecker({"eta": 0.9, "gap": 0.1, "converged": False}, 512, (64, 32), "token")["verdict"] == "poor"
     assert sample_note(512, (64, 32), "token") is None
+
+
+def test_metric_intervals_resample_examples_and_pair_the_change():
+    from gfwsvd_core.tasks import get_task
+    from gfwsvd_core.yardstick import metric_intervals
+
+    task = get_task("causal-lm")  # a ratio metric: aggregate, not a mean of per-example values
+    g = torch.Generator().manual_seed(0)
+    counts = torch.randint(5, 20, (200,), generator=g).double()
+    base = {"nll_sum": counts * (2 + 0.3 * torch.randn(200, generator=g, dtype=torch.float64)), "targets": counts}
+    worse = {"nll_sum": base["nll_sum"] + counts * 0.05, "targets": counts}  # every text 0.05 nats worse
+    same = {"nll_sum": base["nll_sum"] + counts * 0.001 * torch.randn(200, generator=g, dtype=torch.float64),
+            "targets": counts}
+    iv = metric_intervals(task, worse, base, resamples=400)
+    point = task.aggregate(worse)["loss"]
+    lo, hi = iv["metrics"]["loss"]
+    assert lo < point < hi and iv["examples"] == 200
+    clo, chi = iv["change"]["loss"]
+    assert clo == pytest.approx(0.05, rel=1e-6) and chi == pytest.approx(0.05, rel=1e-6)  # paired: no spread
+    assert iv["resolved"] == {"loss": True, "perplexity": True}
+    iv = metric_intervals(task, same, base, resamples=400)
+    assert iv["change"]["loss"][0] < 0 < iv["change"]["loss"][1] and not iv["resolved"]["loss"]
+    assert "change" not in metric_intervals(task, base, resamples=50)
