@@ -23,6 +23,7 @@ from .layers import get_weight
 from .methods import get_method
 from .ranks import check_ratio, kept_params, uniform_ranks
 from .stats import Cancelled, LayerStats
+from .yardstick import compare_options, metric_intervals
 from .yardstick import exact_quadratic_curve  # noqa: F401  (re-exported: the reports' yardstick)
 
 
@@ -107,7 +108,10 @@ def sweep(
 
     Each method's decompositions are computed once (or taken from ``decompositions[method]``)
     and truncated per ratio. Returns one record per (method, ratio) plus the dense baseline
-    (method "dense", ratio 1.0): the data of a rank/accuracy curve.
+    (method "dense", ratio 1.0): the data of a rank/accuracy curve. Every record carries
+    bootstrap ``intervals`` over the held-out examples (with the paired change against dense),
+    and with several methods each ratio's records carry ``comparison``: per metric the best
+    method and the methods it is not resolved from.
     """
     ratios = [check_ratio(r) for r in ratios]
     if not ratios:
@@ -116,8 +120,11 @@ def sweep(
         raise ValueError("sweep needs at least one method")
     methods = [get_method(m) for m in methods]  # validate all before the long work
     reference = task.reference_outputs(model, batches)
-    baseline = task.evaluate(model, batches, reference)
-    rows = [{"method": "dense", "ratio": 1.0, "kept_layers": 1.0, "kept_model": 1.0, "metrics": baseline}]
+    base_values = task.example_values(model, batches, reference)
+    baseline = task.aggregate(base_values)
+    rows = [{"method": "dense", "ratio": 1.0, "kept_layers": 1.0, "kept_model": 1.0, "metrics": baseline,
+             "intervals": metric_intervals(task, base_values, resamples=INTERVAL_RESAMPLES)}]
+    cell_values: dict[float, dict[str, dict]] = {}  # ratio -> method -> per-example values
     total = len(methods) * len(ratios)
     done = 0
     for method in methods:
@@ -132,13 +139,33 @@ def sweep(
             ranks = uniform_ranks(shapes, ratio)
             comp = Compression(build_compressed(model, decs, ranks), key, ranks, dict(decs))
             after, before = kept_params(shapes, ranks)
-            metrics = task.evaluate(comp.model, batches, reference)
+            values = task.example_values(comp.model, batches, reference)
+            metrics = task.aggregate(values)
+            name = next(iter(decs.values())).method
+            cell_values.setdefault(ratio, {})[name] = values
             rows.append({
-                "method": next(iter(decs.values())).method, "ratio": ratio,
+                "method": name, "ratio": ratio,
                 "kept_layers": after / before, "kept_model": comp.kept_ratio(model)["model"],
                 "metrics": metrics, "decompose_seconds": t_dec,
+                "intervals": metric_intervals(task, values, base_values, resamples=INTERVAL_RESAMPLES),
             })
             done += 1
             if progress:
                 progress(done, total, f"sweep: {key} at {ratio:.2f}")
+    hib = getattr(task, "higher_is_better", {})
+    verdicts: dict[float, dict] = {}
+    for ratio, cells in cell_values.items():  # per ratio and metric: the best method, resolved or not
+        if len(cells) > 1:
+            verdicts[ratio] = {}
+            for m in baseline:
+                c = compare_options(task, cells, m, hib.get(m, False), resamples=INTERVAL_RESAMPLES)
+                verdicts[ratio][m] = {"best": c["best"], "all_resolved": c["all_resolved"],
+                                      "unresolved": [k for k, ok in c["resolved"].items() if not ok]}
+    for row in rows[1:]:
+        if row["ratio"] in verdicts:
+            row["comparison"] = verdicts[row["ratio"]]
     return rows
+
+
+#: bootstrap draws per sweep cell (each draw re-aggregates the held-out examples)
+INTERVAL_RESAMPLES = 500

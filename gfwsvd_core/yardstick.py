@@ -140,3 +140,34 @@ def metric_intervals(task, values: dict, reference_values: Optional[dict] = None
         out["change"] = {k: span(v) for k, v in diffs.items()}
         out["resolved"] = {k: not (lo <= 0 <= hi) for k, (lo, hi) in out["change"].items()}
     return out
+
+
+def compare_options(task, values_by_option: dict, metric: str, higher_is_better: bool = False,
+                    level: float = 0.95, resamples: int = 1000, seed: int = 0) -> dict:
+    """Which option (e.g. method at one kept ratio) is best on ``metric``, and is that resolved?
+
+    All options must be evaluated on the same held-out examples; each draw resamples the examples
+    once for all options (paired) and re-aggregates. The best is resolved against another option
+    when the interval of their metric difference excludes zero. Returns ``{"best", "resolved":
+    {other: bool}, "all_resolved"}``."""
+    names = list(values_by_option)
+    if not names:
+        raise ValueError("nothing to compare")
+    point = {k: task.aggregate(v)[metric] for k, v in values_by_option.items()}
+    best = (max if higher_is_better else min)(point, key=point.get)
+    n = next(iter(values_by_option[best].values())).shape[0]
+    g = torch.Generator().manual_seed(seed)
+    diffs: dict[str, list[float]] = {k: [] for k in names if k != best}
+    for _ in range(resamples):
+        idx = torch.randint(0, n, (n,), generator=g)
+        b = task.aggregate({k: v[idx] for k, v in values_by_option[best].items()})[metric]
+        for other in diffs:
+            o = task.aggregate({k: v[idx] for k, v in values_by_option[other].items()})[metric]
+            diffs[other].append(b - o)
+    a = (1 - level) / 2
+    resolved = {}
+    for other, d in diffs.items():
+        lo, hi = torch.quantile(torch.tensor(d, dtype=torch.float64),
+                                torch.tensor([a, 1 - a], dtype=torch.float64)).tolist()
+        resolved[other] = not (lo <= 0 <= hi)
+    return {"best": best, "resolved": resolved, "all_resolved": all(resolved.values())}

@@ -99,13 +99,20 @@ def sweep_curves(rows: Sequence[dict], metric: str, higher_is_better: bool) -> g
     dense = next((r for r in rows if r["method"] == "dense"), None)
     for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
         pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["kept_layers"])
-        fig.add_trace(go.Scatter(x=[r["kept_layers"] for r in pts], y=[r["metrics"][metric] for r in pts],
+        ys = [r["metrics"][metric] for r in pts]
+        ivs = [((r.get("intervals") or {}).get("metrics") or {}).get(metric) for r in pts]
+        err = None
+        if all(ivs):  # 95% bootstrap interval over the held-out examples
+            err = dict(type="data", symmetric=False, array=[iv[1] - y for iv, y in zip(ivs, ys)],
+                       arrayminus=[y - iv[0] for iv, y in zip(ivs, ys)], thickness=1, width=3)
+        fig.add_trace(go.Scatter(x=[r["kept_layers"] for r in pts], y=ys, error_y=err,
                                  mode="lines+markers", name=label(method), line=dict(color=color(method))))
     if dense is not None:
         fig.add_hline(y=dense["metrics"][metric], line_dash="dash", line_color=DENSE_COLOR,
                       annotation_text="dense", annotation_position="bottom right")
     arrow = "higher is better" if higher_is_better else "lower is better"
-    return _layout(fig, f"{metric} vs parameters kept ({arrow})", "parameters kept in compressed layers (fraction)", metric)
+    return _layout(fig, f"{metric} vs parameters kept ({arrow}; bars: 95% intervals)",
+                   "parameters kept in compressed layers (fraction)", metric)
 
 
 def _grid_position(ranks_grid: Sequence[int], r: float) -> float:

@@ -169,6 +169,21 @@ if w.sweep:
     for i, metric in enumerate(metrics):
         cols[i % len(cols)].plotly_chart(charts.sweep_curves(rows, metric, hib.get(metric, False)),
                                          config=charts.EXPORT_CONFIG, key=f"sweep_{metric}")
+    verdict_lines = []
+    seen_ratios = set()
+    for r in rows:
+        comp_ = r.get("comparison")
+        if comp_ and r["ratio"] not in seen_ratios:
+            seen_ratios.add(r["ratio"])
+            parts = []
+            for metric_, v in comp_.items():
+                tail = ("resolved" if v["all_resolved"] else
+                        "not resolved from " + ", ".join(label(u) for u in v["unresolved"]))
+                parts.append(f"{metric_}: {label(v['best'])} ({tail})")
+            verdict_lines.append(f"**{r['ratio']:.2f} kept** — " + "; ".join(parts))
+    if verdict_lines:
+        st.markdown("Best method per ratio and metric (paired 95% bootstrap over the held-out examples; "
+                    "'not resolved' means the difference could be noise):\n\n" + "\n\n".join(verdict_lines))
     helps = getattr(exp.task, "metric_help", {})
     if helps:
         st.caption(" · ".join(f"**{k}**: {v}" for k, v in helps.items() if k in metrics))

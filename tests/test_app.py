@@ -256,6 +256,8 @@ def test_ranks_page(loaded):
     lo, hi = sorted({r["kept_layers"] for r in sweep["rows"] if r["method"] == "svd"})
     assert 0.2 < lo <= 0.3 < hi <= 0.6  # one row per requested ratio, never above it (ranks floor)
     assert len(charts(at)) == 1 + len(sweep["rows"][0]["metrics"])  # heatmap + one chart per metric
+    verdicts = [m.value for m in at.markdown if m.value.startswith("Best method per ratio")]
+    assert len(verdicts) == 1 and verdicts[0].count(" kept** — ") == 2  # one line per ratio
 
 
 def test_export_page(loaded, tmp_path, monkeypatch):

@@ -269,3 +269,20 @@ def test_allocation_uses_the_exact_yardstick_when_samples_exist():
     curves, yard = allocation_curves(without)
     assert yard == OWN_YARDSTICK and all(d.exact_curve is None for d in without.values())
     assert all(torch.equal(curves[n], d.predicted_loss) for n, d in without.items())
+
+
+def test_sweep_rows_carry_intervals_and_a_paired_verdict_per_ratio():
+    model, task, calib, evaluation, stats = setup("retrieval")
+    rows = ev.sweep(model, stats, task, evaluation, ["svd", "kfac"], [0.3])
+    dense, cells = rows[0], rows[1:]
+    assert "intervals" in dense and "comparison" not in dense
+    assert [r["method"] for r in cells] == ["svd", "kfac"]
+    for r in cells:
+        for k, v in r["metrics"].items():
+            lo, hi = r["intervals"]["metrics"][k]
+            assert lo <= v + 1e-12 and v <= hi + 1e-12
+        assert r["comparison"] is cells[0]["comparison"]  # one verdict per ratio, on each of its rows
+    for metric, v in cells[0]["comparison"].items():
+        pick = (max if task.higher_is_better.get(metric) else min)(cells, key=lambda r: r["metrics"][metric])
+        assert v["best"] == pick["method"]
+        assert v["all_resolved"] == (v["unresolved"] == [])
