@@ -22,9 +22,10 @@ def main():
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--methods", default="svd,fwsvd,kfac,gfwsvd")
     p.add_argument("--solver", default=None, help="GFWSVD solver (default: the library's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the library's choice)")
     a = p.parse_args()
     methods = a.methods.split(",")
-    exp = pipeline.prepare(samples=a.samples, eval_samples=8)
+    exp = pipeline.prepare(samples=a.samples, eval_samples=8, device=a.device)
     t0 = time.perf_counter()
     pipeline.collect(exp, methods)
     stats_s = time.perf_counter() - t0

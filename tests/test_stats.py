@@ -221,8 +221,10 @@ def test_progress_and_cancel():
     model = tiny_models.tiny_bert()
     seen = []
     collect_statistics(model, [make_batch(), make_batch(seed=1)], encoder_loss,
-                       progress=lambda d, t, msg: seen.append((d, t)))
-    assert seen == [(1, 2), (2, 2)]
+                       progress=lambda d, t, msg: seen.append((d, t, msg)))
+    # before each batch: which one runs; after it: how many are done
+    assert seen == [(0, 2, "statistics: batch 1 of 2 (12 layers)"), (1, 2, "statistics: 1 of 2 batches done (12 layers)"),
+                    (1, 2, "statistics: batch 2 of 2 (12 layers)"), (2, 2, "statistics: 2 of 2 batches done (12 layers)")]
 
     class Ev:
         def is_set(self):
