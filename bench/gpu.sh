@@ -12,14 +12,16 @@ echo "== correctness and speed of the core (bench/gpu_checks.py)"
 timeout 150 python bench/gpu_checks.py --device "$DEV" $([ "$QUICK" = 1 ] && echo --quick) || status=1
 echo "== embedded default on $DEV: statistics pass vs each method's factors (bench/default_factors.py)"
 SAMPLES=$([ "$QUICK" = 1 ] && echo 16 || echo 128)
-timeout 150 python bench/default_factors.py --samples "$SAMPLES" --device "$DEV" 2>/dev/null \
-  | python -c '
+OUT=$(mktemp)
+timeout 150 python bench/default_factors.py --samples "$SAMPLES" --device "$DEV" >"$OUT" 2>/dev/null || status=1
+python - "$OUT" <<'PY' || status=1
 import json, sys
-for raw in sys.stdin:
+for raw in open(sys.argv[1]):
     d = json.loads(raw)
     if "stage" in d:
-        print(f"default statistics pass: {d[\"seconds\"]} s ({d[\"layers\"]} layers, K = {d[\"K\"]})")
+        print(f"default statistics pass: {d['seconds']} s ({d['layers']} layers, K = {d['K']})")
     elif "method" in d:
-        print(f"default {d[\"method\"]} factors: {d[\"seconds\"]} s ({d[\"ratio_to_statistics\"]}x the statistics pass)")
-' || status=1
+        print(f"default {d['method']} factors: {d['seconds']} s ({d['ratio_to_statistics']}x the statistics pass)")
+PY
+rm -f "$OUT"
 exit $status

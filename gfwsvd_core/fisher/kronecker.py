@@ -22,6 +22,7 @@ Chekalina et al., "Generalized Fisher-Weighted SVD" (arXiv 2505.17974).
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -355,11 +356,33 @@ def _psd_projection(M: torch.Tensor) -> tuple[torch.Tensor, float]:
     return 0.5 * (P + P.T), clipped
 
 
+def _basis_budget(S: _Samples) -> int:
+    """Bytes for the Krylov bases: room for ``KRYLOV_BASIS_STEPS`` steps without a restart (a wide
+    layer's input-side vector alone is n^2 float64: 970 MB for n = 11008), within a quarter of the
+    device's free memory; at least 512 MiB."""
+    per_pair = 8 * (S.m * S.m + S.n * S.n)
+    free = None
+    if S.device.type == "cuda":
+        free = torch.cuda.mem_get_info(S.device)[0]
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            free = None
+    want = max(512 * 2**20, KRYLOV_BASIS_STEPS * per_pair)
+    return int(min(want, free // 4)) if free else want
+
+
+#: Krylov steps the bases should hold before a restart (the default's layers need 6-11)
+KRYLOV_BASIS_STEPS = 16
+
+
 def _krylov(S: _Samples, A0, tol, max_steps, refine):
     from .krylov import top_singular_triplets
 
     map_dtype = A0.dtype
-    r = top_singular_triplets(S.in_map, S.out_map, A0.to(map_dtype), tol=tol, max_steps=max_steps)
+    r = top_singular_triplets(S.in_map, S.out_map, A0.to(map_dtype), tol=tol, max_steps=max_steps,
+                              basis_bytes=_basis_budget(S))
     steps, refined = r.steps, 0
     if refine > 0 and map_dtype != torch.float64 and r.s1 > 0:
         # float64 maps (chunks cast on the fly) from the float32 answer: a few steps recover the
