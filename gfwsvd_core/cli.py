@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="metrics over kept ratios for several methods (rank/accuracy curves)")
     _common(s, single_method=False)
     s.add_argument("--out", type=Path, help="folder for the sweep report (sweep.json)")
+    y = sub.add_parser("study", help="methods x kept ratios x seeds: a JSON and a Markdown table with spreads and resolved winners")
+    _common(y, single_method=False)
+    y.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; each re-draws calibration and held-out texts")
+    y.add_argument("--out", type=Path, required=True, help="folder for study.json and study.md")
     return p
 
 
@@ -170,7 +174,7 @@ def _check_outputs(a) -> None:
     out = getattr(a, "out", None)
     if out is not None and out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is an existing file; give a folder")
-    if out is not None and a.command != "sweep" and out.is_dir() and any(out.iterdir()) and not a.overwrite:
+    if out is not None and a.command not in ("sweep", "study") and out.is_dir() and any(out.iterdir()) and not a.overwrite:
         raise UserError(f"--out {str(out)!r} is not empty; give a new folder or pass --overwrite to replace it")
     dense = Path(str(out) + "-dense") if out is not None and getattr(a, "dense", False) else None
     if dense is not None and dense.is_dir() and any(dense.iterdir()) and not a.overwrite:
@@ -389,6 +393,31 @@ def cmd_sweep(a) -> int:
     return 0
 
 
+def cmd_study(a) -> int:
+    from . import pipeline
+    from .study import markdown, run_study
+    from .tasks import get_task
+
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    if not methods:
+        raise UserError("--methods names no method; give e.g. svd,gfwsvd")
+    try:
+        seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated integers, got {a.seeds!r}") from None
+    if not seeds:
+        raise UserError("--seeds names no seed; give e.g. 0,1,2")
+    options = {k: v for k, v in _options(a).items() if k != "seed"}
+    study = run_study(methods, a.ratios, seeds, options, progress=None if a.quiet else (lambda m: print(m, file=sys.stderr)))
+    out = Path(a.out)
+    pipeline.write_json(study, out / "study.json")
+    hib = getattr(get_task(study["runs"][0]["task"]), "higher_is_better", {})
+    text = markdown(study, hib)
+    (out / "study.md").write_text(text)
+    print(text)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -397,7 +426,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _silence_transformers()
     try:
         _check_outputs(a)
-        return {"compress": cmd_compress, "evaluate": cmd_evaluate, "sweep": cmd_sweep}[a.command](a)
+        return {"compress": cmd_compress, "evaluate": cmd_evaluate, "sweep": cmd_sweep,
+                "study": cmd_study}[a.command](a)
     except GfwsvdUserError as exc:
         msg = " ".join(str(exc).split()) or type(exc).__name__
         print(f"error: {msg}", file=sys.stderr)

@@ -298,3 +298,36 @@ def test_export_from_another_model(compressed, tmp_path, capsys):
     other = tiny_models.save_tiny(tiny_models.tiny_gpt2(hidden=16), tmp_path / "other")
     code = main(["evaluate", "--model", str(other), *SMALL, "--compressed", str(compressed[3])])
     assert_user_error(capsys, code, "does not come from model")
+
+
+def test_study_writes_json_and_markdown_with_resolved_winners_only(tiny_folder, tmp_path, capsys):
+    import json
+
+    from gfwsvd_core.study import summarise
+
+    out = tmp_path / "study"
+    code = main(["study", "--model", str(tiny_folder), *SMALL, "--methods", "svd,kfac", "--ratios", "0.3,0.6",
+                 "--seeds", "0,1", "--out", str(out), "--quiet"])
+    assert code == 0
+    study = json.loads((out / "study.json").read_text())
+    md = (out / "study.md").read_text()
+    assert capsys.readouterr().out.strip() == md.strip()
+    assert study["seeds"] == [0, 1] and [r["seed"] for r in study["runs"]] == [0, 1]
+    # the seeds re-drew the texts: different calibration metrics of the dense model
+    d0, d1 = (r["rows"][0]["metrics"] for r in study["runs"])
+    assert d0 != d1
+    for metric, table in study["table"].items():
+        for ratio in ("0.3", "0.6"):
+            for m in ("svd", "kfac"):
+                vals = [x["metrics"][metric] for r in study["runs"] for x in r["rows"]
+                        if x["method"] == m and abs(x["ratio"] - float(ratio)) < 1e-12]
+                c = table["by_ratio"][ratio][m]
+                assert c["mean"] == pytest.approx(sum(vals) / 2) and c["min"] == min(vals) and c["max"] == max(vals)
+            w = table["winner"][ratio]
+            verdicts = [next(x["comparison"][metric] for x in r["rows"] if x.get("comparison")
+                             and abs(x["ratio"] - float(ratio)) < 1e-12) for r in study["runs"]]
+            assert (w is not None) == (verdicts[0]["best"] == verdicts[1]["best"] and all(v["all_resolved"] for v in verdicts))
+        assert f"**{metric}**" in md
+    assert summarise(study["runs"], study["methods"], study["ratios"]) == study["table"]
+    assert main(["study", "--model", str(tiny_folder), *SMALL, "--seeds", "x", "--out", str(out)]) == 2
+    assert "--seeds must be comma-separated integers" in capsys.readouterr().err
