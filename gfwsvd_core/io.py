@@ -317,6 +317,8 @@ def save_compressed(
 
     folder = Path(folder)
     cfg = _config_dict(model)
+    if "_name_or_path" in cfg:  # where the weights came from, not this machine's folder layout
+        cfg["_name_or_path"] = source_model
     model_class = type(model).__name__
     extra = dict(extra or {})
     clash = sorted(set(extra) & set(_RESERVED))

@@ -82,7 +82,9 @@ def test_round_trip_identical_outputs_and_ranks(kind, compressed, ids, tmp_path)
     folder = save_compressed(model, tmp_path / kind, method="gfwsvd", source_model=f"tiny-{kind}",
                              calibration={"texts": 4, "seed": 0}, extra={"note": "test"})
     assert {p.name for p in folder.iterdir()} >= {"config.json", "model.safetensors", "README.md"}
-    block = json.loads((folder / "config.json").read_text())["gfwsvd"]
+    config = json.loads((folder / "config.json").read_text())
+    block = config["gfwsvd"]
+    assert config["_name_or_path"] == f"tiny-{kind}"  # the source, not a local path
     assert block["format_version"] == FORMAT_VERSION and block["method"] == "gfwsvd"
     assert block["ranks"] == CASES[kind][2] and block["model_class"] == type(model).__name__
     assert block["calibration"] == {"texts": 4, "seed": 0} and block["note"] == "test"
