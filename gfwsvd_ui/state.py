@@ -223,6 +223,9 @@ def start_job(kind: str, fn: Callable[..., Any], *args, uses_model: bool = True,
     w.on_done = on_done
     w.job = Job(kind, _serialised(fn) if uses_model else fn, *args, **kwargs)
     w.job_kind = kind
+    # draw the page again now: the buttons above were rendered before the job existed and would
+    # still look enabled, and the sidebar would not show the job yet
+    st.rerun()
 
 
 def busy() -> bool:

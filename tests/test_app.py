@@ -358,6 +358,7 @@ def test_cancelled_job_is_a_message(loaded, monkeypatch):
     button(at, "Collect statistics").click()
     at.run()
     assert at.session_state["ws"].job.running
+    assert button(at, "Collect statistics").disabled  # drawn again at once: no longer looks enabled
     button(at, "Cancel").click()
     at.run()
     wait_job(at, timeout=10)
