@@ -68,6 +68,13 @@ def exact_quadratic_curve(stats: LayerStats, decomposition: WeightedDecompositio
     return None if q is None else q.mean(0)
 
 
+def percentile_span(draws, level: float = 0.95) -> list[float]:
+    """``[low, high]``: the central ``level`` range of bootstrap draws (percentile interval)."""
+    a = (1 - level) / 2
+    t = torch.as_tensor(draws, dtype=torch.float64).reshape(-1)
+    return torch.quantile(t, torch.tensor([a, 1 - a], dtype=torch.float64)).tolist()
+
+
 def bootstrap_interval(values: torch.Tensor, level: float = 0.95, resamples: int = 2000,
                        seed: int = 0) -> tuple[float, float, float]:
     """``(mean, low, high)``: the mean of ``values`` (K,) and its percentile-bootstrap interval.
@@ -80,9 +87,7 @@ def bootstrap_interval(values: torch.Tensor, level: float = 0.95, resamples: int
         return mean, float("-inf"), float("inf")
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, v.numel(), (resamples, v.numel()), generator=g)
-    means = v[idx].mean(1)
-    a = (1 - level) / 2
-    lo, hi = torch.quantile(means, torch.tensor([a, 1 - a], dtype=torch.float64)).tolist()
+    lo, hi = percentile_span(v[idx].mean(1), level)
     return mean, lo, hi
 
 
@@ -118,7 +123,6 @@ def metric_intervals(task, values: dict, reference_values: Optional[dict] = None
     "change": {m: [lo, hi]}, "resolved": {m: bool}}`` (the last two only with a reference)."""
     n = next(iter(values.values())).shape[0]
     g = torch.Generator().manual_seed(seed)
-    a = (1 - level) / 2
     draws: dict[str, list[float]] = {}
     diffs: dict[str, list[float]] = {}
     for _ in range(resamples):
@@ -132,8 +136,7 @@ def metric_intervals(task, values: dict, reference_values: Optional[dict] = None
                 diffs.setdefault(k, []).append(v - base[k])
 
     def span(xs: list[float]) -> list[float]:
-        t = torch.tensor(xs, dtype=torch.float64)
-        return torch.quantile(t, torch.tensor([a, 1 - a], dtype=torch.float64)).tolist()
+        return percentile_span(xs, level)
 
     out = {"level": level, "examples": n, "metrics": {k: span(v) for k, v in draws.items()}}
     if reference_values is not None:
@@ -164,10 +167,8 @@ def compare_options(task, values_by_option: dict, metric: str, higher_is_better:
         for other in diffs:
             o = task.aggregate({k: v[idx] for k, v in values_by_option[other].items()})[metric]
             diffs[other].append(b - o)
-    a = (1 - level) / 2
     resolved = {}
     for other, d in diffs.items():
-        lo, hi = torch.quantile(torch.tensor(d, dtype=torch.float64),
-                                torch.tensor([a, 1 - a], dtype=torch.float64)).tolist()
+        lo, hi = percentile_span(d, level)
         resolved[other] = not (lo <= 0 <= hi)
     return {"best": best, "resolved": resolved, "all_resolved": all(resolved.values())}
