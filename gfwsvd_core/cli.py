@@ -83,6 +83,8 @@ def _common(p: argparse.ArgumentParser, single_method: bool = True) -> None:
     g.add_argument("--calib", default="default",
                    help="'default' (pydoc topics), an HF dataset name[:config], or a .txt/.jsonl/.csv file")
     g.add_argument("--text-column", help="text column of a .jsonl/.csv file or HF dataset")
+    g.add_argument("--label-column", help="label column of a .jsonl/.csv file or HF dataset (classification and "
+                   "probe tasks); by default 'label' when there is one")
     g.add_argument("--split", default="train", help="HF dataset split")
     g.add_argument("--samples", type=_positive, default=128, help="calibration texts (default 128)")
     g.add_argument("--eval-samples", type=_positive, default=256, help="held-out evaluation texts (default 256)")
@@ -205,7 +207,8 @@ def _silence_transformers() -> None:
 
 def _options(a) -> dict:
     return {
-        "model": a.model, "task": a.task, "calib": a.calib, "text_column": a.text_column, "split": a.split,
+        "model": a.model, "task": a.task, "calib": a.calib, "text_column": a.text_column,
+        "label_column": a.label_column, "split": a.split,
         "samples": a.samples, "eval_samples": a.eval_samples, "max_length": a.max_length,
         "batch_size": a.batch_size, "seed": a.seed, "fisher": a.fisher, "sample_unit": a.sample_unit,
         "layers": a.layers, "device": a.device,

@@ -29,7 +29,8 @@ from .stats import LayerStats, collect_statistics, estimate_memory, has_kinds
 from .yardstick import metric_intervals
 
 DEFAULTS = {
-    "model": "default", "task": None, "calib": "default", "text_column": None, "split": "train",
+    "model": "default", "task": None, "calib": "default", "text_column": None, "label_column": None,
+    "split": "train",
     "samples": 128, "eval_samples": 256, "max_length": 128, "batch_size": 8, "seed": 0,
     "fisher": "empirical", "sample_unit": None, "layers": None, "device": None,
 }
@@ -216,7 +217,7 @@ def prepare(bundle: Optional[ModelBundle] = None, **options) -> Experiment:
             f"{' or '.join(repr(u) for u in task.sample_units)}; pick one of those"
         )
     t0 = time.perf_counter()
-    source = load_texts(s["calib"], text_column=s["text_column"], split=s["split"])
+    source = load_texts(s["calib"], text_column=s["text_column"], split=s["split"], label_column=s["label_column"])
     source, skipped = usable_texts(source, task)
     notes = []
     if skipped:
