@@ -81,7 +81,8 @@ def _common(p: argparse.ArgumentParser, single_method: bool = True) -> None:
     g.add_argument("--model", default="default", help="'default' (bundled all-MiniLM-L6-v2), an HF id or a local folder")
     g.add_argument("--task", choices=available_tasks(), help="default: from the model config")
     g.add_argument("--calib", default="default",
-                   help="'default' (pydoc topics), an HF dataset name[:config], or a .txt/.jsonl/.csv file")
+                   help="'default' (pydoc topics; labelled by topic for --task probe), 'topics' (the same, "
+                   "labelled), an HF dataset name[:config], or a .txt/.jsonl/.csv file")
     g.add_argument("--text-column", help="text column of a .jsonl/.csv file or HF dataset")
     g.add_argument("--label-column", help="label column of a .jsonl/.csv file or HF dataset (classification and "
                    "probe tasks); by default 'label' when there is one")

@@ -54,6 +54,8 @@ class Experiment:
     timings: dict[str, float] = field(default_factory=dict)  # seconds of the latest run of each stage
     stages: dict[str, dict] = field(default_factory=dict)  # time and peak memory of the latest run of each stage
     warnings: list[str] = field(default_factory=list)  # data-level warnings (skipped texts, small splits)
+    #: what the task fitted on the dense model's calibration batches (e.g. a probe head), for the report
+    task_setup: Optional[dict] = None
     _reference: Any = None
     _baseline: Optional[dict] = None
     _time_estimate: Optional[dict] = None
@@ -159,7 +161,8 @@ class Experiment:
         return {"calibration": self.calib.description, "evaluation": self.evaluation.description,
                 "fisher": self.settings["fisher"], "sample_unit": self.sample_unit,
                 "max_length": self.settings["max_length"], "batch_size": self.settings["batch_size"],
-                "seed": self.settings["seed"], "skipped_texts": self.calib.description.get("skipped_texts", 0)}
+                "seed": self.settings["seed"], "skipped_texts": self.calib.description.get("skipped_texts", 0),
+                **({"task_setup": self.task_setup} if self.task_setup is not None else {})}
 
 
 def _record(exp: Experiment, stage: str, rec: StageRecord, run: Optional[dict] = None) -> None:
@@ -217,7 +220,10 @@ def prepare(bundle: Optional[ModelBundle] = None, **options) -> Experiment:
             f"{' or '.join(repr(u) for u in task.sample_units)}; pick one of those"
         )
     t0 = time.perf_counter()
-    source = load_texts(s["calib"], text_column=s["text_column"], split=s["split"], label_column=s["label_column"])
+    calib_source = s["calib"]
+    if calib_source == "default" and task.default_calib:  # the task's own embedded data (e.g. labelled)
+        calib_source = task.default_calib
+    source = load_texts(calib_source, text_column=s["text_column"], split=s["split"], label_column=s["label_column"])
     source, skipped = usable_texts(source, task)
     notes = []
     if skipped:
@@ -227,13 +233,20 @@ def prepare(bundle: Optional[ModelBundle] = None, **options) -> Experiment:
         warnings.simplefilter("always")
         calib, evaluation = split_texts(source, int(s["samples"]), int(s["eval_samples"]), seed=int(s["seed"]))
     notes += [str(w.message) for w in caught]
+    calib, evaluation, task_notes = task.prepare_data(calib, evaluation)
+    notes += task_notes
     calib.description["skipped_texts"] = evaluation.description["skipped_texts"] = skipped
     calib_batches = task.make_batches(bundle.tokenizer, calib.texts, calib.labels, int(s["max_length"]), int(s["batch_size"]))
     eval_batches = task.make_batches(bundle.tokenizer, evaluation.texts, evaluation.labels, int(s["max_length"]), int(s["batch_size"]))
     timings["data"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    task_setup = task.fit(bundle.model, calib_batches)
+    if task_setup is not None:
+        timings["task_fit"] = time.perf_counter() - t0
     layers = default_layers(bundle.model) if s["layers"] is None else list(select_layers(bundle.model, s["layers"]))
     s["task"] = bundle.task
-    exp = Experiment(bundle, task, calib, evaluation, calib_batches, eval_batches, s, layers, timings=timings)
+    exp = Experiment(bundle, task, calib, evaluation, calib_batches, eval_batches, s, layers, timings=timings,
+                     task_setup=task_setup)
     exp.warnings.extend(notes)
     return exp
 
@@ -394,7 +407,7 @@ def _measure(exp: Experiment):
 
 def _run_stages(exp: Experiment, run: Optional[dict]) -> dict[str, dict]:
     """The stages behind one report: the inputs it used (load, data, statistics) and its own."""
-    stages = {k: {"seconds": round(v, 3)} for k, v in exp.timings.items() if k in ("load_model", "data")}
+    stages = {k: {"seconds": round(v, 3)} for k, v in exp.timings.items() if k in ("load_model", "data", "task_fit")}
     if "statistics" in exp.stages:
         stages["statistics"] = exp.stages["statistics"]
     stages.update(run or {})

@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 
 import contextlib
+import hashlib
 import inspect
 import math
 from typing import Any, Mapping, Optional, Sequence
@@ -80,6 +81,18 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
     return texts
 
 
+def pooled_embeddings(model: nn.Module, batch: dict) -> Tensor:
+    """Mean-pooled (over the attention mask), L2-normalised last hidden states, (rows, d) float32."""
+    inputs = _model_inputs(model, batch)
+    out = model(**inputs)
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:  # e.g. a causal LM used as an encoder
+        hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]
+    mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (R, T, 1)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (R, d)
+    return F.normalize(pooled.float(), dim=-1)
+
+
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module):
     """Evaluation mode and no gradients for the duration; the previous mode is restored."""
@@ -111,9 +124,23 @@ class Task(abc.ABC):
     #: the smallest number of words a text needs to be usable by this task
     min_words: int = 1
 
+    #: the data source used when the user asks for the embedded default (None: "default" itself)
+    default_calib: Optional[str] = None
+
     @classmethod
     def prepare_tokenizer(cls, tokenizer, name: str = "") -> None:
         """Adjust a freshly loaded tokenizer for this task's batches (nothing by default)."""
+
+    def prepare_data(self, calib, evaluation) -> tuple[Any, Any, list[str]]:
+        """Adjust the calibration and evaluation sources before batching (e.g. map label names
+        to class ids); returns them and notes for the report. Nothing by default."""
+        return calib, evaluation, []
+
+    def fit(self, model: nn.Module, batches: Sequence[dict]) -> Optional[dict]:
+        """Fit what the task needs beyond the model on the dense model's calibration batches (e.g.
+        a probe head); returns a JSON-ready record of the fit for the report, or None."""
+        return None
+
     higher_is_better: dict[str, bool] = {}
     metric_help: dict[str, str] = {}  # one line per metric: what it measures (shown beside it)
     primary_metric: str = "loss"
@@ -218,14 +245,7 @@ class RetrievalTask(Task):
 
     def embed(self, model: nn.Module, batch: dict) -> Tensor:
         """Mean-pooled, L2-normalised embeddings of every row of the batch, (rows, d)."""
-        inputs = _model_inputs(model, batch)
-        out = model(**inputs)
-        hidden = getattr(out, "last_hidden_state", None)
-        if hidden is None:  # e.g. a causal LM used as an encoder
-            hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]
-        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (R, T, 1)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (R, d)
-        return F.normalize(pooled.float(), dim=-1)
+        return pooled_embeddings(model, batch)
 
     def _split(self, model, batch) -> tuple[Tensor, Tensor]:
         e = self.embed(model, batch)  # (2B, d)
@@ -420,9 +440,151 @@ class ClassificationTask(Task):
         return {"loss": torch.cat(losses), "accuracy": torch.cat(correct)}
 
 
+# --------------------------------------------------------------------------- linear probe
+
+#: L2 penalty of the probe head on the mean cross-entropy (features are unit vectors)
+PROBE_L2 = 1e-3
+PROBE_MAX_ITER = 500
+
+
+class ProbeTask(ClassificationTask):
+    """Classification of texts by a linear head on the frozen encoder's embeddings.
+
+    For encoders without a trained classification head (the embedded default among them): the
+    head is a multinomial logistic regression on the dense model's mean-pooled, L2-normalised
+    embeddings of the calibration texts, fitted once in float64 by L-BFGS from zero (a convex
+    problem, so the fit is deterministic) with an L2 penalty ``PROBE_L2``. The head is never
+    compressed: compression changes the encoder, and the Fisher is the curvature of the head's
+    cross-entropy with respect to the encoder's weights (sample unit: sequence). Label names
+    (strings or integers) become class ids in sorted order of the calibration labels; held-out
+    texts of a class the calibration split lacks are dropped (the report says how many).
+    """
+
+    name = "probe"
+    label = "Classification by linear probe (encoder)"
+    description = ("Cross-entropy of a linear head fitted on the dense encoder's embeddings; labelled "
+                   "data, default: the help topic of each default passage.")
+    auto_model = "AutoModel"
+    architectures = ()
+    default_calib = "topics"
+    higher_is_better = {"loss": False, "accuracy": True, "fidelity": True}
+    metric_help = {
+        "loss": "mean cross-entropy of the true labels under the fixed probe head on held-out texts",
+        "accuracy": "share of held-out texts whose probe prediction is the true label",
+        "fidelity": "mean cosine between the compressed and the dense model's embeddings of the same texts "
+                    "(1 = unchanged)",
+    }
+
+    def __init__(self) -> None:
+        self.classes: Optional[list] = None
+        self.weight: Optional[Tensor] = None  # (C, d) float32
+        self.bias: Optional[Tensor] = None  # (C,)
+
+    def prepare_data(self, calib, evaluation):
+        from .data import TextSource
+
+        if calib.labels is None or evaluation.labels is None:
+            raise DataError("the probe task needs labelled texts: use the labelled default corpus ('topics'), "
+                            "or a .csv/.jsonl/dataset with a label column (label_column=)")
+        numeric = all(isinstance(y, int) and not isinstance(y, bool) for y in calib.labels)
+        classes = sorted(set(calib.labels), key=None if numeric else str)
+        if len(classes) < 2:
+            raise DataError(f"the calibration texts carry only one label ({classes[0]!r}); the probe needs 2 classes or more")
+        self.classes = classes
+        ids = {c: i for i, c in enumerate(classes)}
+        keep = [i for i, y in enumerate(evaluation.labels) if y in ids]
+        notes = []
+        dropped = len(evaluation.labels) - len(keep)
+        if dropped:
+            notes.append(f"dropped {dropped} held-out texts whose label the calibration texts lack")
+        if len(keep) < 2:
+            raise DataError("fewer than 2 held-out texts have a label seen in calibration; give more labelled data")
+        calib = TextSource(calib.texts, [ids[y] for y in calib.labels],
+                           {**calib.description, "classes": [str(c) for c in classes]})
+        evaluation = TextSource([evaluation.texts[i] for i in keep], [ids[evaluation.labels[i]] for i in keep],
+                                {**evaluation.description, "classes": [str(c) for c in classes],
+                                 "dropped_unseen_labels": dropped})
+        return calib, evaluation, notes
+
+    def fit(self, model, batches):
+        if self.classes is None:
+            raise ConfigurationError("call prepare_data before fit: the probe needs the class list")
+        feats, labels = [], []
+        with _eval_mode(model):
+            for b in batches:
+                feats.append(pooled_embeddings(model, b).double().cpu())
+                labels.append(b["labels"].cpu())
+        x, y = torch.cat(feats), torch.cat(labels)
+        c, d = len(self.classes), x.shape[1]
+        w = torch.zeros(c, d + 1, dtype=torch.float64, requires_grad=True)  # last column: bias
+        xb = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+        opt = torch.optim.LBFGS([w], lr=1, max_iter=PROBE_MAX_ITER, tolerance_grad=1e-10, tolerance_change=1e-14,
+                                history_size=20, line_search_fn="strong_wolfe")
+
+        def penalised(v: Tensor) -> Tensor:
+            return F.cross_entropy(xb @ v.T, y) + 0.5 * PROBE_L2 * v[:, :d].pow(2).sum()
+
+        def objective():
+            opt.zero_grad()
+            loss = penalised(w)
+            loss.backward()
+            return loss
+
+        opt.step(objective)
+        iterations = int(opt.state[w].get("n_iter", 0))
+        grad = torch.autograd.grad(penalised(w), w)[0]
+        w = w.detach()
+        with torch.no_grad():
+            logits = xb @ w.T
+            train_loss = float(F.cross_entropy(logits, y))
+            train_acc = float((logits.argmax(1) == y).double().mean())
+        dev = _device(model)
+        self.weight, self.bias = w[:, :d].float().to(dev), w[:, d].float().to(dev)
+
+        return {"kind": "linear probe", "features": "mean-pooled, L2-normalised last hidden state",
+                "classes": [str(k) for k in self.classes], "examples": len(y), "l2": PROBE_L2,
+                "iterations": iterations, "max_gradient": float(grad.abs().max()),
+                "train_loss": train_loss, "train_accuracy": train_acc,
+                "sha256": hashlib.sha256(w.numpy().tobytes()).hexdigest()}
+
+    def _logits(self, model, batch):
+        if self.weight is None:
+            raise ConfigurationError("the probe head is not fitted; prepare the experiment with pipeline.prepare")
+        e = pooled_embeddings(model, batch)
+        logits = e @ self.weight.to(e.device).T + self.bias.to(e.device)
+        return logits, batch["labels"].to(logits.device)
+
+    def reference_outputs(self, model, batches):
+        """Embeddings of the evaluation texts, on CPU (fidelity compares with them)."""
+        with _eval_mode(model):
+            return torch.cat([pooled_embeddings(model, b).cpu() for b in batches])
+
+    def example_values(self, model, batches, reference=None):
+        """Per held-out text: the head's cross-entropy, its correctness and (with a reference)
+        the cosine of its embedding to the dense model's."""
+        if not batches:
+            raise DataError("no evaluation batches")
+        losses, correct, emb = [], [], []
+        with _eval_mode(model):
+            for b in batches:
+                e = pooled_embeddings(model, b)
+                logits = e @ self.weight.to(e.device).T + self.bias.to(e.device)
+                labels = b["labels"].to(logits.device)
+                losses.append(F.cross_entropy(logits, labels, reduction="none").cpu())
+                correct.append((logits.argmax(-1) == labels).float().cpu())
+                emb.append(e.cpu())
+        out = {"loss": torch.cat(losses), "accuracy": torch.cat(correct)}
+        if reference is not None:
+            e = torch.cat(emb)
+            if reference.shape != e.shape:
+                raise ValueError("the reference embeddings come from other batches; compute them on the same batches")
+            out["fidelity"] = (e * reference).sum(-1)
+        return out
+
+
 # --------------------------------------------------------------------------- registry
 
-_REGISTRY: dict[str, type[Task]] = {cls.name: cls for cls in (RetrievalTask, CausalLMTask, ClassificationTask)}
+_REGISTRY: dict[str, type[Task]] = {cls.name: cls for cls in (RetrievalTask, CausalLMTask, ClassificationTask, ProbeTask)}
 TASKS = tuple(_REGISTRY)
 
 
