@@ -4,7 +4,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from gfwsvd_ui.state import filler_panel, ws
+from gfwsvd_ui.state import sidebar_status, ws
 
 st.set_page_config(page_title="gfwsvd explorer", page_icon=str(Path(__file__).parent / "assets" / "favicon.png"), layout="wide")
 
@@ -27,8 +27,6 @@ with st.sidebar:
         st.write(f"**{exp.settings['model']}** · {exp.bundle.task}")
         st.write(f"{len(exp.calib.texts)} calibration / {len(exp.evaluation.texts)} held-out texts")
         st.write("statistics: " + ("collected" if exp.stats else "not yet"))
-    if w.job is not None and w.job.running:
-        st.write(f":material/hourglass_top: {w.job.name}: {w.job.message}")
-    filler_panel()
+    sidebar_status()  # the running job's latest message and the background decompositions, kept current
 
 nav.run()

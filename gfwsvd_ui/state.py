@@ -17,6 +17,9 @@ from gfwsvd_core.methods import available_methods, explorer_methods, method_clas
 #: methods the explorer compares (all come from one statistics pass); the registry decides
 METHODS = explorer_methods()
 DENSE_COLOR = "#111111"  # the uncompressed baseline in every chart
+#: seconds between redraws of what a running job or the background filler reports (sidebar,
+#: progress bars, pending notes); nothing is redrawn on a timer while neither runs
+TICK = 0.5
 
 
 def label(method: str) -> str:
@@ -55,6 +58,8 @@ class Workspace:
     notice: str = ""
     on_done: Optional[Callable[[Any], None]] = None  # applies the job's result, in the script thread
     applied: Optional[Job] = None  # the job whose result was applied
+    redrawn: Optional[Job] = None  # the finished job the whole page was drawn again for
+    dismissed: Optional[Job] = None  # a finished job whose outcome no longer matches the inputs
     filler: Any = None  # gfwsvd_core.background.Filler: per-layer decompositions after the statistics
     awaited: set = field(default_factory=set)  # {(method, layer)} a page waits for; redrawn when ready
 
@@ -233,14 +238,47 @@ def busy() -> bool:
     return w.job is not None and w.job.running
 
 
+def _redraw_once(w: Workspace) -> None:
+    """Draw the whole page again, once, after this session's job has finished: its result is in
+    the workspace now (``ws()`` swapped it in), and pages without this job's panel (the sidebar,
+    a page that says the job is running) would otherwise keep showing it as running."""
+    job = w.job
+    if job is None or job.running or w.redrawn is job:
+        return
+    w.redrawn = job
+    apply_finished(w)
+    st.rerun()
+
+
+def dismiss_outcome(*kinds: str) -> None:
+    """The inputs of a finished job (of one of ``kinds``) have changed: its error, warning or
+    success message is about inputs no longer on screen, so its panel stops showing it."""
+    w = ws()
+    job = w.job
+    if job is not None and not job.running and w.job_kind in kinds:
+        w.dismissed = job
+
+
+def job_status() -> str:
+    """'Collecting statistics: statistics: 12 of 36 layers · 14 s' for this session's running job
+    (its latest progress message), '' when none runs."""
+    w = ws()
+    job = w.job
+    if job is None or not job.running:
+        return ""
+    return f"{job.name}: {job.message or 'starting'} · {job.elapsed:.0f} s"
+
+
 def job_panel(kind: str) -> None:
     """Progress bar + cancel button of this page's background job; reruns the page when done."""
+    w = ws()
+    live = w.job is not None and w.job.running and w.job_kind == kind
 
-    @st.fragment(run_every=0.5)
+    @st.fragment(run_every=TICK if live else None)
     def panel():
         w = ws()
         job = w.job
-        if job is None or w.job_kind != kind:
+        if job is None or w.job_kind != kind or job is w.dismissed:
             return
         if job.running:
             text = f"{job.message} — {job.elapsed:.0f} s"
@@ -249,10 +287,7 @@ def job_panel(kind: str) -> None:
                 job.cancel()
                 st.toast("Cancelling after the current step…")
             return
-        if not getattr(job, "_shown", False):
-            job._shown = True
-            apply_finished(w)
-            st.rerun()  # redraw the whole page with the job's results
+        _redraw_once(w)  # redraw the whole page with the job's results
         if job.cancelled:
             st.warning(f"{job.name} was cancelled after {job.elapsed:.0f} s. "
                        "Press the button again to restart it.")
@@ -277,28 +312,43 @@ def require_experiment() -> Any:
     return w.exp
 
 
-def filler_panel() -> None:
-    """Sidebar progress of the background decompositions, a cancel/resume button, and a redraw of
-    the page once something it waits for is ready."""
+def _filler_running(w: Workspace) -> bool:
+    return w.filler is not None and w.filler.running
 
-    @st.fragment(run_every=1.0)
+
+def sidebar_status() -> None:
+    """The sidebar's live part: this session's running job with its latest message, and the
+    background decompositions of each method, in one fragment redrawn every :data:`TICK` seconds
+    while either runs. When the job finishes, something a page waits for is ready, or nothing runs
+    any more, the whole page is drawn again (and then nothing is redrawn on a timer)."""
+    w = ws()
+    if w.job is not None and not w.job.running:
+        w.redrawn = w.job  # a full run (never a fragment's) that ws() swapped the result in for
+    live = busy() or _filler_running(w)
+
+    @st.fragment(run_every=TICK if live else None)
     def panel():
         w = ws()
-        if w.exp is None or not w.exp.stats:
-            return
-        f = w.filler
-        if f is not None and w.awaited:  # before anything else: ws() may just have adopted them
+        job, f = w.job, w.filler
+        if job is not None and job.running:
+            st.caption(f":material/hourglass_top: {job_status()}")
+        else:
+            _redraw_once(w)  # a job that finished since the page was drawn
+        if f is not None and w.awaited:  # ws() may just have adopted them
             ready = {a for a in w.awaited if f.settled(*a)}
             if ready:
                 w.awaited -= ready
                 st.rerun()  # the whole page: what it waited for is ready
+        if live and not busy() and not _filler_running(w):
+            st.rerun()  # nothing runs any more: the page as it is now, without timers
+        if w.exp is None or not w.exp.stats:
+            return
         todo = pending_methods()
         if not todo:
             return
-        st.caption("Decompositions (the layer on screen first):")
+        st.caption("Background decompositions (the layer on screen first):")
         for m in todo:
-            icon = ":material/hourglass_top:" if f is not None and f.running else ":material/pause:"
-            st.caption(f"{icon} {label(m)}: {fill_status(m)}")
+            st.caption(fill_line(m))
         if f is not None and f.running:
             if st.button("Stop computing", key="filler-cancel", help="finished layers stay; resume any time"):
                 f.cancel()
@@ -309,16 +359,33 @@ def filler_panel() -> None:
     panel()
 
 
-def pending_note(method: str, what: str = "this page") -> None:
-    """An on-page marker that ``method``'s decompositions are still being computed."""
+def fill_line(method: str) -> str:
+    """One method's background progress, drawn alike in the sidebar and on the pages."""
     w = ws()
-    f = w.filler
-    if f is not None and method in f.errors:
-        st.error(f"{label(method)}'s decomposition failed ({f.errors[method]}); {what} cannot use it. "
-                 + ("Fix the input and collect again." if method in f.user_errors else "This is a bug in gfwsvd."))
-    else:
-        st.info(f":material/hourglass_top: {label(method)} is still being computed ({fill_status(method)}); {what} fills in when it is "
-                "ready. The other methods can be used meanwhile.")
+    icon = ":material/hourglass_top:" if _filler_running(w) else ":material/pause:"
+    return f"{icon} {label(method)}: {fill_status(method)}"
+
+
+def pending_note(method: str, what: str = "this page") -> None:
+    """An on-page marker that ``method``'s decompositions are still being computed, redrawn with
+    the sidebar's progress while the filler runs."""
+    w = ws()
+
+    @st.fragment(run_every=TICK if _filler_running(w) else None)
+    def note():
+        w = ws()
+        f = w.filler
+        if f is not None and method in f.errors:
+            st.error(f"{label(method)}'s decomposition failed ({f.errors[method]}); {what} cannot use it. "
+                     + ("Fix the input and collect again." if method in f.user_errors else "This is a bug in gfwsvd."))
+        elif f is not None and method in f.methods and not f.running and not complete(method):
+            st.info(f":material/pause: {label(method)} is not being computed ({fill_status(method)}); {what} fills in "
+                    "when it is. Press **Resume** in the sidebar to compute the rest.")
+        elif not complete(method):
+            st.info(f":material/hourglass_top: {label(method)} is still being computed ({fill_status(method)}); {what} "
+                    "fills in when it is ready. The other methods can be used meanwhile.")
+
+    note()
 
 
 def require_stats() -> Any:
