@@ -9,16 +9,19 @@ from gfwsvd_core import pipeline
 from gfwsvd_core.errors import GfwsvdUserError
 from gfwsvd_core.explore import sample_note
 from gfwsvd_core.tasks import available_tasks, task_class
-from gfwsvd_ui.state import METHODS, busy, job_panel, reset, shared_model, start_job, ws
+from gfwsvd_ui.state import METHODS, busy, dismiss_outcome, job_panel, reset, shared_model, start_job, ws
 
 st.title("Model & data")
 st.caption("The embedded default (all-MiniLM-L6-v2 on Python's own help topics) needs no setup: press the two buttons.")
 w = ws()
 s = {**pipeline.DEFAULTS, **w.settings}
+#: this page's jobs: a message about their outcome is about the inputs they ran with, so it goes
+#: as soon as the inputs change (another source, or the form submitted again)
+JOBS = ("Loading model and data", "Collecting statistics")
 
 # outside the form so that only the chosen source's input is shown
 source = st.radio("Calibration text", ["Default corpus (pydoc topics)", "Hugging Face dataset", "Upload a file"],
-                  horizontal=True, key="calib_source")
+                  horizontal=True, key="calib_source", on_change=dismiss_outcome, args=JOBS)
 with st.form("settings"):
     c1, c2 = st.columns(2)
     model = c1.text_input("Model", value=s["model"], help="'default' = bundled all-MiniLM-L6-v2; or a Hugging Face id "
@@ -33,8 +36,13 @@ with st.form("settings"):
                                 value="" if s["calib"] == "default" else str(s["calib"]))
     elif source.startswith("Upload"):
         upload = st.file_uploader("Text file (.txt, .jsonl, .csv)", type=["txt", "jsonl", "csv"])
-    c3, c4, c5, c6 = st.columns(4)
-    text_column = c3.text_input("Text column (.jsonl/.csv/HF)", value=s["text_column"] or "")
+    c3, c3b, c4, c5, c6 = st.columns(5)
+    text_column = c3.text_input("Text column", value=s["text_column"] or "",
+                                help="of a .jsonl/.csv file or an HF dataset: the column of texts; empty = 'text', "
+                                     "else 'sentence' (an HF dataset: else its first text column)")
+    label_column = c3b.text_input("Label column", value=s["label_column"] or "",
+                                  help="of a .jsonl/.csv file or an HF dataset: the column of class labels, for "
+                                       "classification tasks; empty = 'label' when there is one")
     samples = c4.number_input("Calibration texts", 4, 100000, int(s["samples"]), step=8)
     eval_samples = c5.number_input("Held-out texts", 4, 100000, int(s["eval_samples"]), step=8)
     max_length = c6.number_input("Max tokens per text", 8, 4096, int(s["max_length"]), step=8)
@@ -49,6 +57,7 @@ with st.form("settings"):
     submitted = st.form_submit_button("Load model and data", type="primary", disabled=busy())
 
 if submitted:
+    dismiss_outcome(*JOBS)  # the inputs are new: whatever went wrong before is not on screen any more
     calib = "default"
     if source.startswith("Hugging"):
         calib = dataset.strip()
@@ -64,7 +73,8 @@ if submitted:
         Path(calib).write_bytes(upload.getvalue())
     settings = {
         "model": model.strip() or "default", "task": None if task == "auto" else task, "calib": calib,
-        "text_column": text_column.strip() or None, "samples": int(samples), "eval_samples": int(eval_samples),
+        "text_column": text_column.strip() or None, "label_column": label_column.strip() or None,
+        "samples": int(samples), "eval_samples": int(eval_samples),
         "max_length": int(max_length), "fisher": fisher, "sample_unit": None if unit == "task default" else unit,
         "layers": [p.strip() for p in layer_filter.split(",") if p.strip()] or None,
     }
