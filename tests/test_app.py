@@ -57,13 +57,24 @@ def button(at: AppTest, label: str):
     return found[0]
 
 
-def submit_settings(at: AppTest, model: str, samples=16, eval_samples=16, max_length=32, source=None, upload=None):
+def text_box(at: AppTest, label: str):
+    found = [t for t in at.text_input if t.label == label]
+    assert found, f"no text input {label!r}; have {[t.label for t in at.text_input]}"
+    return found[0]
+
+
+def submit_settings(at: AppTest, model: str, samples=16, eval_samples=16, max_length=32, source=None, upload=None,
+                    dataset=None, label_column=None):
     if source is not None:  # outside the form: it decides which source input the form shows
         at.radio(key="calib_source").set_value(source).run()
         labels = {t.label for t in at.text_input}
         assert ("HF dataset (name or name:config)" in labels) == source.startswith("Hugging")
         assert bool(at.file_uploader) == source.startswith("Upload")
-    [t for t in at.text_input if t.label == "Model"][0].set_value(model)
+    text_box(at, "Model").set_value(model)
+    if dataset is not None:
+        text_box(at, "HF dataset (name or name:config)").set_value(dataset)
+    if label_column is not None:
+        text_box(at, "Label column").set_value(label_column)
     nums = {n.label: n for n in at.number_input}
     nums["Calibration texts"].set_value(samples)
     nums["Held-out texts"].set_value(eval_samples)
@@ -340,6 +351,129 @@ def test_user_errors_are_messages_not_tracebacks(tmp_path):
     wait_job(at)
     assert any("text" in e and "more" in e for e in errors(at)), errors(at)
     assert not at.exception
+
+
+def test_an_error_goes_once_the_input_is_fixed(tiny_dir):
+    """An error is about the inputs it was made for: a new source, or the form submitted again,
+    takes it off the screen, and a load that then succeeds leaves none behind."""
+    at = new_app()
+    submit_settings(at, tiny_dir, label_column=" label ")  # the default corpus has no columns
+    assert at.session_state["ws"].settings["label_column"] == "label"  # the label column reaches the library
+    wait_job(at)
+    msgs = errors(at)
+    assert len(msgs) == 1 and "label_column" in msgs[0], msgs
+
+    at.radio(key="calib_source").set_value("Hugging Face dataset").run()  # the input changes
+    assert not at.exception and errors(at) == []  # the failed load's error was about the old input
+
+    submit_settings(at, tiny_dir)  # the HF source, its name left empty
+    assert errors(at) == ["Enter a dataset name, or choose the default corpus."]
+    text_box(at, "HF dataset (name or name:config)").set_value("no-such-dataset-xyz")
+    at.form_submit_button[0].click()
+    at.run()  # filled in: the load starts, the message about the empty name is gone
+    assert not any("Enter a dataset name" in e for e in errors(at)), errors(at)
+    wait_job(at)
+    msgs = errors(at)
+    assert len(msgs) == 1 and "no-such-dataset-xyz" in msgs[0], msgs  # this input's error, not an older one
+
+    submit_settings(at, tiny_dir, source="Default corpus (pydoc topics)", label_column="")
+    assert errors(at) == []
+    wait_job(at)
+    assert errors(at) == [] and at.session_state["ws"].exp is not None
+    assert [s.value for s in at.success if "finished" in s.value][0].startswith("Loading model and data finished")
+    assert at.session_state["ws"].settings["label_column"] is None  # empty -> the library's default
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """AppTest as the server runs the app: app.py (with its sidebar) on every run, and a record of
+    the fragment timers each run asks the browser for (``served.timers``: [(seconds, fragment id)])
+    and of which fragment drew each text in the sidebar (``served.sidebar``: {text: fragment id},
+    '' outside any fragment). AppTest never fires those timers; the browser test sees them fire.
+
+    AppTest resets ``PagesManager.uses_pages_directory`` before every run; with a ``pages/`` folder
+    beside app.py it then runs the page file alone from the second run on. The server keeps the
+    False that ``st.navigation`` sets on the first run, and so does this fixture."""
+    from types import SimpleNamespace
+
+    import streamlit.testing.v1.local_script_runner as lsr
+    from streamlit.runtime.pages_manager import PagesManager
+
+    out = SimpleNamespace(timers=[], sidebar={})
+    init, run = PagesManager.__init__, lsr.LocalScriptRunner.run
+
+    def served_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+
+    def recorded_run(self, *args, **kwargs):
+        tree = run(self, *args, **kwargs)
+        msgs = self.forward_msgs()
+        out.timers = [(m.auto_rerun.interval, m.auto_rerun.fragment_id) for m in msgs if m.WhichOneof("type") == "auto_rerun"]
+        out.sidebar = {m.delta.new_element.markdown.body: m.delta.fragment_id for m in msgs
+                       if m.WhichOneof("type") == "delta" and m.metadata.delta_path[:1] == [1]
+                       and m.delta.new_element.WhichOneof("type") == "markdown"}
+        return tree
+
+    monkeypatch.setattr(PagesManager, "__init__", served_init)
+    monkeypatch.setattr(lsr.LocalScriptRunner, "run", recorded_run)
+    return out
+
+
+def job_lines(at: AppTest) -> list[str]:
+    return [c.value for c in at.sidebar.caption if c.value.startswith(":material/hourglass_top: Collecting")]
+
+
+def test_the_sidebar_shows_the_running_jobs_latest_message(collected, served, monkeypatch):
+    """The sidebar names a job as soon as it starts and shows its latest progress message on every
+    run, on any page, redrawing itself on a timer while the job runs and not after."""
+    import threading
+
+    from gfwsvd_core import pipeline
+    from gfwsvd_core.stats import Cancelled
+    from gfwsvd_ui.state import TICK, Workspace
+
+    said = ["statistics: batch 1 of 2 (test stand-in)", "GFWSVD: Kronecker factors of layer 3 (test stand-in)"]
+    reported, go_on = [threading.Event() for _ in said], [threading.Event() for _ in said]
+
+    def stepwise_collect(exp, methods, progress=None, cancel=None, **kw):
+        for i, message in enumerate(said):
+            progress(i, len(said), message)
+            reported[i].set()
+            while not go_on[i].wait(0.05):
+                if cancel.is_set():
+                    raise Cancelled("cancelled")
+
+    monkeypatch.setattr(pipeline, "collect", stepwise_collect)
+    done = collected.session_state["ws"]
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["ws"] = Workspace(settings=dict(done.settings), exp=done.exp)
+    at.run()
+    assert not at.exception and job_lines(at) == []
+    assert any(m.value == "statistics: collected" for m in at.sidebar.markdown)
+    assert served.timers == []  # nothing runs: nothing is redrawn on a timer
+    try:
+        button(at, "Collect statistics").click()
+        at.run()
+        lines = job_lines(at)  # at once, before the job has said anything (or with what it said first)
+        assert len(lines) == 1 and lines[0].startswith(":material/hourglass_top: Collecting statistics: "), lines
+        assert reported[0].wait(10)
+        at.run()
+        assert len(job_lines(at)) == 1 and said[0] in job_lines(at)[0], job_lines(at)
+        at.switch_page("pages/ranks.py").run()  # no progress bar of this job here: the sidebar is where it shows
+        assert not at.exception
+        go_on[0].set()
+        assert reported[1].wait(10)
+        at.run()
+        lines = job_lines(at)
+        assert len(lines) == 1 and said[1] in lines[0] and said[0] not in lines[0], lines  # the latest, not the first
+        [(every, timer)] = served.timers
+        assert every == TICK and served.sidebar[lines[0]] == timer  # the line is redrawn on the timer between runs
+    finally:
+        for e in go_on:
+            e.set()
+    wait_job(at)
+    assert not at.exception and job_lines(at) == [] and served.timers == []
 
 
 def test_cancelled_job_is_a_message(loaded, monkeypatch):
