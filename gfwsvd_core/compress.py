@@ -17,7 +17,7 @@ from torch import nn
 from .factorized import LowRankLinear, replace_layer
 from .layers import get_weight, weight_shape
 from .methods import Method, Weights, get_method
-from .ranks import break_even_rank, kept_params, layer_params, uniform_ranks, validate_ranks
+from .ranks import break_even_rank, budget_ranks, kept_params, layer_params, uniform_ranks, validate_ranks
 from .solver import WeightedDecomposition, decompose
 from .yardstick import exact_quadratic_curve
 from .stats import Cancelled, LayerStats
@@ -37,6 +37,18 @@ class LayerDecomposition:
     #: entry r: the exact empirical-Fisher quadratic of the rank-r truncation (r = 0 .. min(m, n)),
     #: the yardstick comparable across layers and methods; None without per-sample gradients
     exact_curve: Optional[torch.Tensor] = None
+    #: entry r: the loss estimate the budget allocation spends on, when it is not ``exact_curve``
+    #: (auto: the held-out quadratic of its choice at each rank)
+    allocation_curve: Optional[torch.Tensor] = None
+    #: auto only: ``{candidate: held-out quadratic per rank}``, what its choice was made on
+    heldout_curves: Optional[dict] = None
+
+    def method_at(self, rank: Optional[int]) -> Optional[str]:
+        """The method whose truncation is used at ``rank`` (auto chooses per rank)."""
+        if rank is None:
+            return None
+        pick = getattr(self.decomposition, "method_at", None)
+        return pick(rank) if pick is not None else self.method
 
     @property
     def factors(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -96,9 +108,16 @@ EXACT_YARDSTICK = "exact empirical-Fisher quadratic"
 OWN_YARDSTICK = "the method's own predicted loss"
 
 
+#: the yardstick of auto's allocation
+HELDOUT_YARDSTICK = "held-out exact empirical-Fisher quadratic"
+
+
 def loss_curve(dec: LayerDecomposition) -> torch.Tensor:
     """Entry r: the layer's loss increase estimate at rank r, on the common yardstick when the
-    per-sample gradients were kept (:data:`EXACT_YARDSTICK`), else the method's own prediction."""
+    per-sample gradients were kept (:data:`EXACT_YARDSTICK`), else the method's own prediction
+    (auto: the held-out quadratic it chose by)."""
+    if dec.allocation_curve is not None:
+        return dec.allocation_curve
     return dec.exact_curve if dec.exact_curve is not None else dec.predicted_loss
 
 
@@ -108,6 +127,8 @@ def allocation_curves(decs: Mapping[str, LayerDecomposition]) -> tuple[dict[str,
     The exact quadratic when every layer has it (comparable across layers and methods, checked
     against measurement by ``pipeline.prediction_check``), else every method's own prediction
     (comparable across layers only for methods that keep the Fisher scale)."""
+    if decs and all(d.allocation_curve is not None for d in decs.values()):
+        return {n: d.allocation_curve for n, d in decs.items()}, HELDOUT_YARDSTICK
     exact = all(d.exact_curve is not None for d in decs.values())
     curves = {n: (d.exact_curve if exact else d.predicted_loss) for n, d in decs.items()}
     return curves, EXACT_YARDSTICK if exact else OWN_YARDSTICK
@@ -130,12 +151,16 @@ def _method_warnings(info: Mapping[str, Any]) -> list[str]:
 def resolve_ranks(
     decs: Mapping[str, LayerDecomposition], ratio: Optional[float] = None, ranks: Optional[Mapping] = None
 ) -> dict[str, Optional[int]]:
-    """Ranks from exactly one of a kept ratio (per layer) or an explicit ``{layer: rank}`` map."""
+    """Ranks from exactly one of a kept ratio (per layer; for auto, whose decompositions carry an
+    ``allocation_curve``, one global budget) or an explicit ``{layer: rank}`` map."""
     if (ratio is None) == (ranks is None):
         raise ValueError("give exactly one of ratio (parameters kept per layer) or ranks ({layer: rank})")
     shapes = {n: d.shape for n, d in decs.items()}
     if ranks is not None:
         return validate_ranks(shapes, ranks)
+    if decs and all(d.allocation_curve is not None for d in decs.values()):
+        # auto chooses ranks with its methods: the ratio is one global budget over these layers
+        return budget_ranks({n: d.allocation_curve for n, d in decs.items()}, shapes, ratio)
     return uniform_ranks(shapes, ratio)
 
 
@@ -208,6 +233,7 @@ class Compression:
                 "break_even_rank": break_even_rank(m, n),
                 "params_before": m * n, "params_after": layer_params(m, n, r),
                 "predicted_loss": 0.0 if r is None else float(d.predicted_loss[r]),
+                **({"chosen_method": d.method_at(r)} if d.heldout_curves is not None else {}),
                 **{k: v for k, v in d.info.items()},
             })
         return recs

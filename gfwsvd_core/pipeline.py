@@ -25,7 +25,7 @@ from .errors import ConfigurationError, DataError, OutputPathError
 from .meter import StageRecord, lifetime_peak_mb, measure
 from .methods import get_method
 from .models import ModelBundle, default_layers, load_model
-from .stats import LayerStats, collect_statistics, estimate_memory, has_kinds
+from .stats import LayerStats, collect_statistics, estimate_memory, has_kinds, merge_stats
 from .yardstick import metric_intervals
 
 DEFAULTS = {
@@ -56,6 +56,11 @@ class Experiment:
     warnings: list[str] = field(default_factory=list)  # data-level warnings (skipped texts, small splits)
     #: what the task fitted on the dense model's calibration batches (e.g. a probe head), for the report
     task_setup: Optional[dict] = None
+    #: statistics of the even and the odd calibration batches (collected when a composite method
+    #: such as auto is requested; the full statistics are their merge)
+    fold_stats: Optional[tuple[dict, dict]] = None
+    #: ``{method_key: {layer: decomposition}}`` fitted on the first fold only (auto's candidates)
+    fold_decompositions: dict[str, dict[str, LayerDecomposition]] = field(default_factory=dict)
     _reference: Any = None
     _baseline: Optional[dict] = None
     _time_estimate: Optional[dict] = None
@@ -154,6 +159,7 @@ class Experiment:
 
         new = copy.copy(self)
         new.decompositions = dict(self.decompositions)
+        new.fold_decompositions = dict(self.fold_decompositions)
         new.timings, new.stages, new.warnings = dict(self.timings), dict(self.stages), list(self.warnings)
         return new
 
@@ -279,24 +285,67 @@ def required_kinds(methods: Sequence[Any]) -> tuple[str, ...]:
 
 def collect(exp: Experiment, methods: Sequence[Any] = ("svd", "fwsvd", "kfac", "gfwsvd"),
             max_memory: Optional[int] = None, progress: Any = None, cancel: Any = None,
-            extra_kinds: Sequence[str] = ()) -> dict[str, LayerStats]:
+            extra_kinds: Sequence[str] = (), folds: Optional[bool] = None) -> dict[str, LayerStats]:
     """One statistics pass with everything the given methods need (plus ``extra_kinds``, e.g.
-    "samples" for the exact empirical-Fisher quadratic in reports)."""
+    "samples" for the exact empirical-Fisher quadratic in reports).
+
+    ``folds`` (default: when a composite method such as auto is among ``methods``) collects the
+    even and the odd calibration batches separately and merges them: the same statistics and
+    the same cost as one pass, plus the two folds that auto chooses on (``exp.fold_stats``).
+    """
     gen = torch.Generator().manual_seed(int(exp.settings["seed"]))
     fisher = exp.settings["fisher"]
+    if folds is None:
+        folds = any(getattr(get_method(m), "composite", False) for m in methods)
+    kinds = tuple(dict.fromkeys(required_kinds(methods) + tuple(extra_kinds)))
+    if folds and len(exp.calib_batches) < 2:
+        raise DataError("choosing on a held-out fold needs at least 2 calibration batches; give more calibration "
+                        "texts or a smaller batch size")
 
     def loss_fn(model, batch):
         return exp.task.fisher_loss(model, batch, fisher=fisher, generator=gen)
 
+    def run(batches, report=None):
+        return collect_statistics(exp.model, batches, loss_fn, layers=exp.layers, kinds=kinds,
+                                  sample_unit=exp.sample_unit, max_memory=max_memory, progress=report,
+                                  cancel=cancel)
+
     with measure(exp.model.device) as rec:
-        stats = collect_statistics(exp.model, exp.calib_batches, loss_fn, layers=exp.layers,
-                                   kinds=tuple(dict.fromkeys(required_kinds(methods) + tuple(extra_kinds))),
-                                   sample_unit=exp.sample_unit,
-                                   max_memory=max_memory, progress=progress, cancel=cancel)
+        if not folds:
+            stats, fold_stats = run(exp.calib_batches, progress), None
+        else:
+            parts = (exp.calib_batches[0::2], exp.calib_batches[1::2])
+
+            def fold_progress(i):
+                if not callable(progress):
+                    return progress
+                return lambda d, t, msg: progress(d + (len(parts[0]) if i else 0), len(exp.calib_batches),
+                                                  f"fold {i + 1} of 2, {msg}")
+
+            a, b = (run(p, fold_progress(i)) for i, p in enumerate(parts))
+            stats = {n: merge_stats(a[n], b[n]) for n in a}
+            for n, s in stats.items():  # the folds' samples become views of the merged ones: no copy kept
+                _share_samples(a[n], s, 0, a[n].num_samples)
+                _share_samples(b[n], s, a[n].num_samples, s.num_samples)
+            fold_stats = (a, b)
     exp.stats = stats
+    exp.fold_stats = fold_stats
     exp.decompositions.clear()
+    exp.fold_decompositions.clear()
     _record(exp, "statistics", rec)
     return exp.stats
+
+
+def _share_samples(fold: LayerStats, merged: LayerStats, start: int, stop: int) -> None:
+    """Point a fold's per-sample gradients at its rows of the merged statistics."""
+    if merged.storage is None:
+        return
+    fold.X = fold.D = fold.G = None
+    if merged.storage == "factored":
+        fold.X, fold.D = merged.X[start:stop], merged.D[start:stop]
+    else:
+        fold.G = merged.G[start:stop]
+    fold.info = {"storage": fold.storage}
 
 
 def decompositions(exp: Experiment, method: Any, progress: Any = None, cancel: Any = None,
@@ -306,6 +355,8 @@ def decompositions(exp: Experiment, method: Any, progress: Any = None, cancel: A
     m = get_method(method)
     if exp.stats is None:
         raise ConfigurationError("collect statistics first")
+    if getattr(m, "composite", False):
+        return _composite_decompositions(exp, m, progress, cancel, run)
     missing = has_kinds(exp.stats, m.requires)
     if missing:
         raise ConfigurationError(
@@ -319,6 +370,46 @@ def decompositions(exp: Experiment, method: Any, progress: Any = None, cancel: A
     elif run is not None:
         run[f"decompose:{key}"] = {"seconds": 0.0, "cached": True}
     return exp.decompositions[key]
+
+
+def _composite_decompositions(exp: Experiment, m: Any, progress: Any, cancel: Any,
+                              run: Optional[dict]) -> dict[str, LayerDecomposition]:
+    """Auto: every candidate on all samples (shared with the candidates' own cache entries) and on
+    the first fold, scored on the second."""
+    key = method_key(m)
+    if key in exp.decompositions:
+        if run is not None:
+            run[f"decompose:{key}"] = {"seconds": 0.0, "cached": True}
+        return exp.decompositions[key]
+    if exp.fold_stats is None:
+        raise ConfigurationError(f"{m.label} chooses on a held-out fold: collect statistics again with "
+                                 f"{m.name} among the methods (the statistics are then collected in two folds)")
+    missing = has_kinds(exp.fold_stats[1], ("samples",))
+    if missing:
+        raise ConfigurationError(f"{m.label} needs per-sample gradients ('samples'); collect statistics again "
+                                 f"with {m.name} among the methods")
+    from .methods.auto import choose
+
+    full = {c: decompositions(exp, c, progress=progress, cancel=cancel, run=run) for c in m.candidates}
+    fold_fit = {}
+    for c in m.candidates:
+        cm = get_method(c)
+        ck = method_key(cm)
+        if cm.requires == ():  # unweighted (plain SVD): the fit does not depend on the samples
+            fold_fit[c] = full[c]
+            continue
+        if ck not in exp.fold_decompositions:
+            with measure(exp.model.device) as rec:
+                exp.fold_decompositions[ck] = decompose_layers(
+                    exp.model, exp.fold_stats[0], cm, progress=progress and (
+                        lambda d, t, msg: progress(d, t, f"fold A, {msg}")), cancel=cancel)
+            _record(exp, f"decompose_fold:{ck}", rec, run)
+        fold_fit[c] = exp.fold_decompositions[ck]
+    with measure(exp.model.device) as rec:
+        decs = choose(exp.model, exp.fold_stats[1], full, fold_fit, m.candidates, layers=list(exp.stats))
+    exp.decompositions[key] = decs
+    _record(exp, f"decompose:{key}", rec, run)
+    return decs
 
 
 def run_compression(exp: Experiment, method: Any, ratio: Optional[float] = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import ConfigurationError
 from .asvd import ASVD
+from .auto import Auto
 from .base import Method, Weights
 from .fwsvd import FWSVD
 from .gfwsvd import GFWSVD
@@ -11,7 +12,7 @@ from .kfac import KFAC
 from .svd import SVD
 from .svdllm import SVDLLM
 
-_REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (SVD, FWSVD, KFAC, GFWSVD, ASVD, SVDLLM)}
+_REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (SVD, FWSVD, KFAC, GFWSVD, ASVD, SVDLLM, Auto)}
 
 
 def available_methods() -> list[str]:
