@@ -165,3 +165,34 @@ def kronecker_table(decs: Mapping[str, LayerDecomposition], stats: Optional[Mapp
             j = judge_kronecker(k, st_.num_samples, d.shape, st_.sample_unit)
             rows[-1] = {"layer": name, "verdict": j["verdict"], **{c: v for c, v in rows[-1].items() if c != "layer"}}
     return rows
+
+
+def participation_ratio(M: torch.Tensor) -> float:
+    """Effective rank ``tr(F)^2 / ||F||_F^2`` of a PSD matrix: n for the identity, 1 for rank one;
+    from traces only, so no eigendecomposition is needed."""
+    M = M.double()
+    fro2 = float((M * M).sum())
+    return float(torch.trace(M)) ** 2 / fro2 if fro2 > 0 else 0.0
+
+
+def effective_ranks(decs: Mapping[str, LayerDecomposition], stats: Mapping[str, Any]) -> list[dict]:
+    """Per layer: the effective ranks (participation ratios) of GFWSVD's factors ``A``, ``B`` and
+    of K-FAC's ``E[x x^T]``, ``E[d d^T]``, beside the widths and the number of Fisher samples K.
+
+    GFWSVD's factors are built from the K per-sample gradients, so with few samples they have few
+    significant directions whatever the width; K-FAC's token moments see every token. When GFWSVD
+    loses to K-FAC, this is the first thing to look at."""
+    rows = []
+    for name, d in decs.items():
+        f = d.factors
+        s = stats.get(name)
+        if f is None or s is None:
+            continue
+        A, B = f  # input side (n x n), output side (m x m)
+        row = {"layer": name, "in_features": d.shape[1], "out_features": d.shape[0], "samples": s.num_samples,
+               "unit": s.sample_unit, "gfwsvd_in": participation_ratio(A), "gfwsvd_out": participation_ratio(B),
+               "eta": (d.info.get("kronecker") or {}).get("eta")}
+        if s.xx_sum is not None and s.dd_sum is not None:
+            row["kfac_in"], row["kfac_out"] = participation_ratio(s.xx_sum), participation_ratio(s.dd_sum)
+        rows.append(row)
+    return rows

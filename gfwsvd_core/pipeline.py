@@ -291,13 +291,14 @@ def collect(exp: Experiment, methods: Sequence[Any] = ("svd", "fwsvd", "kfac", "
 
     ``folds`` (default: when a composite method such as auto is among ``methods``) collects the
     even and the odd calibration batches separately and merges them: the same statistics and
-    the same cost as one pass, plus the two folds that auto chooses on (``exp.fold_stats``).
+    the same cost as one pass, plus the two folds that auto chooses on (``exp.fold_stats``; the
+    per-sample gradients it scores with are then collected too).
     """
     gen = torch.Generator().manual_seed(int(exp.settings["seed"]))
     fisher = exp.settings["fisher"]
     if folds is None:
         folds = any(getattr(get_method(m), "composite", False) for m in methods)
-    kinds = tuple(dict.fromkeys(required_kinds(methods) + tuple(extra_kinds)))
+    kinds = tuple(dict.fromkeys(required_kinds(methods) + tuple(extra_kinds) + (("samples",) if folds else ())))
     if folds and len(exp.calib_batches) < 2:
         raise DataError("choosing on a held-out fold needs at least 2 calibration batches; give more calibration "
                         "texts or a smaller batch size")
@@ -390,9 +391,10 @@ def _composite_decompositions(exp: Experiment, m: Any, progress: Any, cancel: An
                                  f"with {m.name} among the methods")
     from .methods.auto import choose
 
-    full = {c: decompositions(exp, c, progress=progress, cancel=cancel, run=run) for c in m.candidates}
+    candidates = m.resolve(exp.stats)
+    full = {c: decompositions(exp, c, progress=progress, cancel=cancel, run=run) for c in candidates}
     fold_fit = {}
-    for c in m.candidates:
+    for c in candidates:
         cm = get_method(c)
         ck = method_key(cm)
         if cm.requires == ():  # unweighted (plain SVD): the fit does not depend on the samples
@@ -406,7 +408,7 @@ def _composite_decompositions(exp: Experiment, m: Any, progress: Any, cancel: An
             _record(exp, f"decompose_fold:{ck}", rec, run)
         fold_fit[c] = exp.fold_decompositions[ck]
     with measure(exp.model.device) as rec:
-        decs = choose(exp.model, exp.fold_stats[1], full, fold_fit, m.candidates, layers=list(exp.stats))
+        decs = choose(exp.model, exp.fold_stats[1], full, fold_fit, candidates, layers=list(exp.stats))
     exp.decompositions[key] = decs
     _record(exp, f"decompose:{key}", rec, run)
     return decs

@@ -68,7 +68,8 @@ def test_heldout_scores_and_choice(exp):
     name = exp.layers[0]
     W = get_weight(exp.model.get_submodule(name))
     d = decs[name]
-    cands = get_method("auto").candidates
+    cands = d.info["candidates"]
+    assert cands == ["svd", "fwsvd", "kfac", "gfwsvd", "asvd", "svdllm"]  # every method with statistics
     assert set(d.heldout_curves) == set(cands)
     fold_kfac = decompose_layers(exp.model, exp.fold_stats[0], "kfac", layers=[name])[name]
     for r in (0, 3, 10):
@@ -97,7 +98,7 @@ def test_budget_ranks_report_export_and_reload(exp, tmp_path):
     assert after <= 0.5 * before + 1e-9
     assert len({r for r in comp.ranks.values()}) > 1 or len(comp.ranks) == 1  # a budget, not one uniform rank
     for rec in rep["layers"]:
-        assert rec["chosen_method"] in get_method("auto").candidates or rec["rank"] is None
+        assert rec["chosen_method"] in rec["candidates"] or rec["rank"] is None
         assert rec["choice"][0][0] == 0 and rec["choice"][-1][1] == min(rec["shape"])
     assert rep["method"] == "auto"
     out = save_compressed(comp.model, tmp_path / "auto", tokenizer=exp.bundle.tokenizer, method="auto",
@@ -122,3 +123,15 @@ def test_auto_errors(exp):
     with pytest.raises(ConfigurationError, match="composite"):
         get_method("auto", candidates=("svd", "auto"))
     assert get_method("auto", candidates="kfac, svd").candidates == ("kfac", "svd")
+    few = pipeline.Experiment(**{k: getattr(exp, k) for k in ("bundle", "task", "calib", "evaluation",
+                                                              "calib_batches", "eval_batches", "settings", "layers")})
+    pipeline.collect(few, ["svd", "kfac"], folds=True)
+    decs = pipeline.decompositions(few, "auto")  # chooses among the methods whose statistics are there
+    from gfwsvd_core.methods import available_methods, method_class
+    from gfwsvd_core.stats import has_kinds
+
+    expected = [n for n in available_methods() if n != "auto" and not has_kinds(few.stats, method_class(n).requires)]
+    assert next(iter(decs.values())).info["candidates"] == expected
+    assert "kfac" in expected and "fwsvd" not in expected  # the diagonal Fisher was not collected
+    with pytest.raises(ConfigurationError, match="lack statistics"):
+        pipeline.decompositions(few, get_method("auto", candidates=("svd", "fwsvd")))

@@ -24,7 +24,8 @@ from .base import Method
 
 @dataclass
 class Auto(Method):
-    candidates: tuple = ("svd", "fwsvd", "kfac", "gfwsvd", "asvd", "svdllm")
+    #: the methods to choose among; empty: every registered method whose statistics were collected
+    candidates: tuple = ()
 
     name = "auto"
     label = "Auto (per layer)"
@@ -41,11 +42,25 @@ class Auto(Method):
         if isinstance(self.candidates, str):
             self.candidates = tuple(c.strip() for c in self.candidates.split(",") if c.strip())
         cands = tuple(method_class(c).name for c in self.candidates)
-        if not cands:
-            raise ConfigurationError("auto needs at least one candidate method")
         if any(getattr(method_class(c), "composite", False) for c in cands):
             raise ConfigurationError("auto cannot choose among composite methods (auto itself)")
         self.candidates = tuple(dict.fromkeys(cands))
+
+    def resolve(self, stats) -> tuple:
+        """The candidates for these statistics: the given ones (each must have its statistics), or
+        every registered non-composite method whose statistics were collected."""
+        from . import available_methods, method_class
+        from ..stats import has_kinds
+
+        if self.candidates:
+            lacking = {c: has_kinds(stats, method_class(c).requires) for c in self.candidates}
+            lacking = {c: k for c, k in lacking.items() if k}
+            if lacking:
+                raise ConfigurationError(f"auto's candidates lack statistics: {lacking}; collect them again "
+                                         "including these methods")
+            return self.candidates
+        return tuple(n for n in available_methods() if not getattr(method_class(n), "composite", False)
+                     and not has_kinds(stats, method_class(n).requires))
 
     def weights(self, stats):
         raise ConfigurationError("auto chooses among other methods' decompositions: use pipeline.decompositions, "
