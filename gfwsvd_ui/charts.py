@@ -162,3 +162,24 @@ def rank_heatmap(layers: Sequence[str], ranks_grid: Sequence[int], z, chosen: Ma
                       margin=dict(l=10, r=10, t=40, b=10),
                       template="plotly_white", showlegend=False)
     return fig
+
+
+def effective_rank_chart(rows: Sequence[dict], names: Sequence[str]) -> go.Figure:
+    """Effective ranks of GFWSVD's and K-FAC's factors per layer (log axis), with the sample count
+    K as a dashed line: GFWSVD's factors cannot have more significant directions than its samples
+    give them (``gfwsvd_core.explore.effective_ranks`` computes the numbers)."""
+    fig = go.Figure()
+    series = (("gfwsvd_in", "GFWSVD A (input side)", color("gfwsvd"), "circle"),
+              ("gfwsvd_out", "GFWSVD B (output side)", color("gfwsvd"), "diamond"),
+              ("kfac_in", "K-FAC E[x xᵀ] (input side)", color("kfac"), "circle"),
+              ("kfac_out", "K-FAC E[d dᵀ] (output side)", color("kfac"), "diamond"))
+    for key, name, col, symbol in series:
+        if all(key in r for r in rows):
+            fig.add_trace(go.Scatter(x=list(names), y=[r[key] for r in rows], mode="markers", name=name,
+                                     marker=dict(color=col, symbol=symbol, size=9,
+                                                 line=dict(width=1, color="white"))))
+    ks = {r["samples"] for r in rows}
+    if len(ks) == 1:
+        fig.add_hline(y=ks.pop(), line_dash="dash", line_color=DENSE_COLOR,
+                      annotation_text=f"K = {rows[0]['samples']} samples", annotation_position="top left")
+    return _layout(fig, "effective rank (participation ratio) of the factors", "layer", "effective rank", logy=True)

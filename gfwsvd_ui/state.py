@@ -117,6 +117,35 @@ def decompositions(method: str, layer: Optional[str] = None) -> dict:
     return f.ready(method)
 
 
+#: the per-layer choice among the explorer's methods, computed on request once they are complete
+AUTO = "auto"
+
+
+def rank_methods(exp: Any) -> list[str]:
+    """Methods a user can choose ranks and export with: the explorer's, plus auto when the
+    statistics came in two folds (its held-out fold)."""
+    return METHODS + ([AUTO] if exp is not None and getattr(exp, "fold_stats", None) is not None else [])
+
+
+def start_auto(w: "Workspace") -> None:
+    """Compute auto's per-layer choice in the background (the candidates' decompositions exist)."""
+    exp = w.exp
+
+    def work(progress, cancel):
+        from gfwsvd_core import pipeline
+
+        new = exp.fork()
+        pipeline.decompositions(new, AUTO, progress=progress, cancel=cancel)
+        return new
+
+    def done(new):
+        if w.exp is exp:  # the statistics did not change meanwhile
+            exp.decompositions[AUTO] = new.decompositions[AUTO]
+            exp.fold_decompositions.update(new.fold_decompositions)
+
+    start_job("Choosing methods per layer", work, on_done=done)
+
+
 def complete(method: str) -> bool:
     """Whether every layer of ``method`` is decomposed."""
     w = ws()

@@ -11,7 +11,7 @@ from gfwsvd_core import pipeline
 from gfwsvd_core.errors import GfwsvdUserError
 from gfwsvd_core.io import output_root, resolve_output_folder, save_compressed
 from gfwsvd_core.ranks import kept_params, uniform_ranks
-from gfwsvd_ui.state import METHODS, busy, complete, decompositions, job_panel, label, pending_note, require_stats, start_job, ws
+from gfwsvd_ui.state import METHODS, busy, rank_methods, complete, decompositions, job_panel, label, pending_note, require_stats, start_job, ws
 
 st.title("Export")
 exp = require_stats()
@@ -19,7 +19,9 @@ w = ws()
 if not w.ranks:
     st.info("No ranks chosen yet: the uniform default (half the parameters of every layer) will be used. "
             "Choose ranks on the **Ranks** page.")
-method = st.selectbox("Method", METHODS, index=METHODS.index(w.rank_method), format_func=label, key="export_method")
+options = [m for m in rank_methods(exp) if m in METHODS or m in exp.decompositions]
+method = st.selectbox("Method", options, index=options.index(w.rank_method) if w.rank_method in options else 0,
+                      format_func=label, key="export_method")
 dense = sum(1 for r in w.ranks.values() if r is None)
 st.caption(f"{len(w.ranks) - dense} layers factorised, {dense} kept dense; ranks from the Ranks page "
            f"({w.rank_rule}).")

@@ -3,7 +3,8 @@
 import pandas as pd
 import streamlit as st
 
-from gfwsvd_core.explore import ETA_RANGES, GAP_RANGES, judge_kronecker, kronecker_table, pool, spectrum
+from gfwsvd_core.explore import (ETA_RANGES, GAP_RANGES, effective_ranks, judge_kronecker, kronecker_table, pool,
+                                 spectrum)
 from gfwsvd_ui import charts
 from gfwsvd_ui.state import color, decompositions, label, pending_note, require_stats, short
 
@@ -103,3 +104,14 @@ st.dataframe(styled, hide_index=True, width="stretch",
              column_config={"eta": st.column_config.NumberColumn(format="%.3f"),
                             "fit_error": st.column_config.NumberColumn(format="%.3f"),
                             "gap": st.column_config.NumberColumn(format="%.3f")})
+
+st.subheader("Why GFWSVD can lose: effective rank of the factors")
+eff = effective_ranks(decs, exp.stats)
+if eff:
+    st.plotly_chart(charts.effective_rank_chart(eff, [short(r["layer"]) for r in eff]), config=charts.EXPORT_CONFIG,
+                    key="eff_ranks")
+    st.caption("Effective rank tr(F)² / ‖F‖²_F counts a factor's significant directions (n for the identity, 1 for a "
+               "single direction). GFWSVD's factors are sums over the K per-sample gradients; K-FAC's moments sum "
+               "over every token. Far fewer significant directions than K-FAC's mean GFWSVD weights most of the "
+               "layer's directions alike (the damping decides them), which is where it loses; more samples "
+               "(a finer sample unit, more texts) raise its effective rank.")

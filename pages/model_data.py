@@ -133,7 +133,8 @@ st.caption(
 if st.button("Collect statistics", type="primary", disabled=busy()):
     def collect(progress, cancel):
         new = exp.fork()  # the page keeps showing ``exp`` until the job's result is swapped in
-        pipeline.collect(new, METHODS, progress=progress, cancel=cancel)
+        # in two folds (same cost): the Ranks page can then choose a method per layer (auto)
+        pipeline.collect(new, METHODS, progress=progress, cancel=cancel, folds=len(new.calib_batches) >= 2)
         return new
 
     # every page is usable once the statistics are in; each method's per-layer decompositions

@@ -9,20 +9,39 @@ from gfwsvd_core.compress import EXACT_YARDSTICK, allocation_curves, loss_curve
 from gfwsvd_core.explore import rank_grid
 from gfwsvd_core.ranks import break_even_rank, budget_ranks, kept_params, shrinks, uniform_ranks, validate_ranks
 from gfwsvd_ui import charts
-from gfwsvd_ui.state import (METHODS, busy, complete, decompositions, fill_status, job_panel, label, loss_units,
-                            pending_note, require_stats, short, start_job, ws)
+from gfwsvd_ui.state import (AUTO, METHODS, busy, complete, decompositions, fill_status, job_panel, label, loss_units,
+                            pending_note, rank_methods, require_stats, short, start_auto, start_job, ws)
 
 st.title("Ranks")
 exp = require_stats()
 w = ws()
 
-method = st.segmented_control("Method whose predicted losses guide the choice", METHODS, format_func=label,
-                              default=w.rank_method, key="rank_method_pick") or w.rank_method
+choices = rank_methods(exp)
+method = st.segmented_control("Method whose predicted losses guide the choice", choices, format_func=label,
+                              default=w.rank_method if w.rank_method in choices else METHODS[0],
+                              key="rank_method_pick") or w.rank_method
 w.rank_method = method
-decs = decompositions(method)  # every layer, or those ready while the method is still computing
 shapes = {n: tuple(s.shape) for n, s in exp.stats.items()}
-if len(decs) < len(shapes):
-    pending_note(method, "the predicted losses of the remaining layers")
+if method == AUTO:
+    decs = exp.decompositions.get(AUTO, {})
+    st.caption("**Auto** picks, per layer and rank, the method whose truncation loses least on the held-out "
+               "half of the calibration samples (each method fitted on the other half), and allocates ranks on "
+               "those held-out losses: method and rank are chosen together under one budget.")
+    if not decs:
+        waiting = [m for m in METHODS if not complete(m)]
+        for m in waiting:
+            decompositions(m)  # redraw this page when they are complete
+        if st.button("Choose a method per layer", type="primary", disabled=busy() or bool(waiting),
+                     help="fits every method once more on one fold of the samples (GFWSVD's factors dominate)"):
+            start_auto(w)
+        if waiting:
+            st.caption("Waiting for " + ", ".join(f"{label(m)} ({fill_status(m)})" for m in waiting))
+        job_panel("Choosing methods per layer")
+        st.stop()
+else:
+    decs = decompositions(method)  # every layer, or those ready while the method is still computing
+    if len(decs) < len(shapes):
+        pending_note(method, "the predicted losses of the remaining layers")
 NAN = float("nan")
 
 
@@ -118,9 +137,11 @@ st.caption(f"Colour: log10 of the {yardstick} at each rank (empty rows: still co
 rows = [{"layer": n, "shape": f"{shapes[n][0]}x{shapes[n][1]}", "rank": w.ranks.get(n),
          "break-even": int(break_even_rank(*shapes[n])),
          "kept": (w.ranks[n] * sum(shapes[n]) / (shapes[n][0] * shapes[n][1])) if w.ranks.get(n) else 1.0,
-         "predicted loss": predicted(n, w.ranks.get(n))} for n in layers]  # on the yardstick
+         "predicted loss": predicted(n, w.ranks.get(n)),  # on the yardstick
+         **({"method": label(decs[n].method_at(w.ranks.get(n)) or "dense")} if method == AUTO and n in decs else {})}
+        for n in layers]
 edited = st.data_editor(rows, hide_index=True, width="stretch", key=f"rank_editor_{st.session_state['editor_version']}",
-                        disabled=["layer", "shape", "break-even", "kept", "predicted loss"],
+                        disabled=["layer", "shape", "break-even", "kept", "predicted loss", "method"],
                         column_config={"rank": st.column_config.NumberColumn("rank (empty = dense)", min_value=1, step=1),
                                        "kept": st.column_config.NumberColumn(format="%.2f"),
                                        "predicted loss": st.column_config.NumberColumn(format="%.2e")})

@@ -169,10 +169,18 @@ def test_factors_page(loaded):
     at = loaded
     at.switch_page("pages/factors.py").run()
     assert not at.exception
-    assert len(charts(at)) == 7  # two spectra, four factor heatmaps, the diagonal Fisher
+    figs = charts(at)
+    assert len(figs) == 8  # two spectra, four factor heatmaps, the diagonal Fisher, the effective ranks
     assert len(at.dataframe) == 1  # Kronecker diagnostics of all layers
+    from gfwsvd_core.explore import effective_ranks
+
+    w = at.session_state["ws"]
+    eff = effective_ranks(w.exp.decompositions["gfwsvd"], w.exp.stats)
+    shown = {t["name"]: t["y"] for t in figs[-1]["data"]}
+    assert list(shown["GFWSVD A (input side)"]) == pytest.approx([r["gfwsvd_in"] for r in eff])
+    assert list(shown["K-FAC E[d dᵀ] (output side)"]) == pytest.approx([r["kfac_out"] for r in eff])
     at.selectbox(key="factors_layer").select_index(3).run()
-    assert not at.exception and len(charts(at)) == 7
+    assert not at.exception and len(charts(at)) == 8
     # the fit is judged, and the judgement is the library's for this layer
     from gfwsvd_core.explore import judge_kronecker
 
@@ -269,6 +277,30 @@ def test_ranks_page(loaded):
     assert len(charts(at)) == 1 + len(sweep["rows"][0]["metrics"])  # heatmap + one chart per metric
     verdicts = [m.value for m in at.markdown if m.value.startswith("Best method per ratio")]
     assert len(verdicts) == 1 and verdicts[0].count(" kept** — ") == 2  # one line per ratio
+
+
+def test_ranks_page_chooses_a_method_per_layer(loaded):
+    at = loaded
+    at.switch_page("pages/ranks.py").run()
+    assert "Auto (per layer)" in at.segmented_control(key="rank_method_pick").options  # statistics in two folds
+    at.segmented_control(key="rank_method_pick").set_value("auto").run()
+    assert not at.exception
+    button(at, "Choose a method per layer").click()
+    at.run()
+    wait_job(at)
+    w = at.session_state["ws"]
+    decs = w.exp.decompositions["auto"]
+    assert set(decs) == set(w.exp.stats)
+    assert len(charts(at)) == 1  # the heatmap, now on auto's held-out losses
+    button(at, "Allocate by predicted loss").click()
+    at.run()
+    assert not at.exception and "held-out" in w.rank_rule
+    # every compressed layer has a chosen method among the explorer's methods
+    chosen = {n: decs[n].method_at(r) for n, r in w.ranks.items() if r is not None}
+    assert chosen and set(chosen.values()) <= set(decs[next(iter(decs))].info["candidates"])
+    assert any("Current ranks: allocated by the held-out" in m.value for m in at.caption)
+    at.switch_page("pages/export.py").run()
+    assert at.selectbox(key="export_method").value == "auto"
 
 
 def test_export_page(loaded, tmp_path, monkeypatch):
