@@ -38,3 +38,29 @@ def add_sym_product(out: torch.Tensor, L: torch.Tensor, R: torch.Tensor) -> torc
 def add_gram(out: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """``out += M^T M`` (out n x n for M of shape (N, n)), by :func:`add_sym_product`."""
     return add_sym_product(out, M.T, M.T)
+
+
+def half_tril(B: torch.Tensor) -> torch.Tensor:
+    """Lower triangle of a symmetric ``B`` with its diagonal halved: ``B = L + L^T``."""
+    L = torch.tril(B)
+    L.diagonal().mul_(0.5)
+    return L
+
+
+def matmul_tril(M: torch.Tensor, L: torch.Tensor, nb: int = 0) -> torch.Tensor:
+    """``M @ L`` for a lower-triangular ``L`` (m x m; M N x m), skipping the zero upper blocks.
+
+    Column block j of ``L`` is zero above its diagonal block, so it only meets the last columns
+    of ``M``: with four blocks 0.62x the flops of a full GEMM.
+    """
+    m = L.shape[0]
+    nb = nb or _blocks(m)
+    if nb == 1:
+        return M @ L
+    out = M.new_empty(M.shape[0], m)
+    edges = [m * i // nb for i in range(nb + 1)]
+    for j in range(nb):
+        lo, hi = edges[j], edges[j + 1]
+        torch.matmul(M[:, lo:], L[lo:, lo:hi], out=out[:, lo:hi])
+    return out
+

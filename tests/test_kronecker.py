@@ -176,4 +176,6 @@ def test_maps_match_brute_force(m, form, chunk_bytes, monkeypatch):
     inn = torch.einsum("kmi,mp,kpj->ij", G, B, G) / K
     torch.testing.assert_close(S.out_map(A), out, rtol=1e-10, atol=1e-10 * float(out.abs().max()))
     torch.testing.assert_close(S.in_map(B), inn, rtol=1e-10, atol=1e-10 * float(inn.abs().max()))
+    if form == "factored":  # by its triangle plus transpose: exactly symmetric
+        assert torch.equal(S.in_map(B), S.in_map(B).T)
     assert S.fisher_norm_sq() == pytest.approx(float(torch.linalg.norm(full_fisher(G)) ** 2), rel=1e-10)

@@ -29,7 +29,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..gram import add_sym_product
+from ..gram import add_sym_product, half_tril, matmul_tril
 from ..stats import LayerStats
 
 #: bytes of intermediate tensors per chunk of samples
@@ -146,7 +146,14 @@ class _Samples:
         return acc / self.K
 
     def in_map(self, B: torch.Tensor) -> torch.Tensor:
-        """``E_k[G_k^T B G_k]`` (n x n) for a symmetric m x m ``B``."""
+        """``E_k[G_k^T B G_k]`` (n x n) for a symmetric m x m ``B``.
+
+        Factored: with ``B = L + L^T`` (``L`` its lower triangle, diagonal halved) the map is
+        ``E[X^T (D L D^T) X]`` plus its transpose, and ``D L`` skips the zero blocks of ``L``
+        (0.62x the flops of ``D B`` with four blocks; measured 0.77x of the map on the
+        1536 x 384 benchmark shape). Materialised samples keep the dense ``B G``: the row-block
+        products measured no faster there.
+        """
         acc = torch.zeros(self.n, self.n, dtype=B.dtype, device=self.device)
         if self.materialized:
             for Gm in self._Gm:  # (m, c, n)
@@ -154,13 +161,16 @@ class _Samples:
                 c = Gm.shape[1]
                 BG = (B @ Gm.reshape(self.m, c * self.n)).reshape(self.m * c, self.n)  # rows (i, k): (B G_k)[i]
                 acc += Gm.reshape(self.m * c, self.n).T @ BG  # sum_k G_k^T (B G_k)
-        else:
-            for X, D in zip(self.X.split(self.chunk), self.D.split(self.chunk)):
-                X, D = X.to(B.dtype), D.to(B.dtype)
-                S = torch.bmm(D @ B, D.transpose(1, 2))  # (c, T, T) = D_k B D_k^T
-                SX = torch.bmm(S, X)  # (c, T, n)
-                acc += X.reshape(-1, self.n).T @ SX.reshape(-1, self.n)  # sum_k X_k^T S_k X_k
-        return acc / self.K
+            return acc / self.K
+        L = half_tril(B)
+        for X, D in zip(self.X.split(self.chunk), self.D.split(self.chunk)):
+            X, D = X.to(B.dtype), D.to(B.dtype)
+            c = X.shape[0]
+            DL = matmul_tril(D.reshape(-1, self.m), L).reshape(c, self.T, self.m)
+            S = torch.bmm(DL, D.transpose(1, 2))  # (c, T, T) = D_k L D_k^T (its symmetric part is half of D_k B D_k^T)
+            SX = torch.bmm(S, X)  # (c, T, n)
+            acc += X.reshape(-1, self.n).T @ SX.reshape(-1, self.n)  # sum_k X_k^T S_k X_k
+        return (acc + acc.T) / self.K
 
     def fisher_norm_sq(self) -> float:
         """``||F||_F^2 = 1/K^2 sum_{k,l} <G_k, G_l>^2`` from the Gram of the samples."""
