@@ -130,13 +130,18 @@ def rank_heatmap(layers: Sequence[str], ranks_grid: Sequence[int], z, chosen: Ma
                  title: str = "predicted loss increase per layer and rank",
                  break_even: Optional[Mapping[str, float]] = None) -> go.Figure:
     """Layer x rank heatmap of predicted loss (log10); chosen ranks marked at their exact rank
-    (between grid columns when off the grid) and each layer's break-even rank ticked; click to choose."""
+    (between grid columns when off the grid) and each layer's break-even rank ticked; click to choose.
+    The x axis holds column indices (``ranks_grid[i]`` at ``x = i``); a click's x is such an index."""
     finite = [v for row in z for v in row if v is not None and v > -29]  # -30 = a predicted loss of exactly 0
     zmin = min(finite, default=-30.0)
     z = [[None if v is None else max(v, zmin) for v in row] for row in z]  # None: still computing
-    fig = go.Figure(go.Heatmap(z=z, x=[str(r) for r in ranks_grid], y=list(layers), colorscale="Viridis",
+    # a numeric axis of column indices labelled with the ranks: markers between columns stay there
+    # (on a category axis a fractional position would become a new category of its own)
+    cols = list(range(len(ranks_grid)))
+    fig = go.Figure(go.Heatmap(z=z, x=cols, y=list(layers), colorscale="Viridis",
+                               customdata=[[int(r) for r in ranks_grid] for _ in layers],
                                colorbar=dict(title="log10 loss", thickness=10),
-                               hovertemplate="layer %{y}<br>rank %{x}<br>log10 loss %{z:.2f}<extra></extra>"))
+                               hovertemplate="layer %{y}<br>rank %{customdata}<br>log10 loss %{z:.2f}<extra></extra>"))
     xs, ys, texts = [], [], []
     for name in layers:
         r = chosen.get(name)
@@ -156,7 +161,8 @@ def rank_heatmap(layers: Sequence[str], ranks_grid: Sequence[int], z, chosen: Ma
         fig.add_trace(go.Scatter(x=bx, y=by, mode="markers", name="break-even", text=bt,
                                  marker=dict(symbol="line-ns", color="#ff7f0e", size=14, line=dict(width=3, color="#ff7f0e")),
                                  hovertemplate="%{text}<extra></extra>"))
-    fig.update_xaxes(type="category", title_text="rank r")
+    fig.update_xaxes(type="linear", title_text="rank r", tickmode="array", tickvals=cols,
+                     ticktext=[str(int(r)) for r in ranks_grid], range=[-0.5, len(cols) - 0.5 + (1 if break_even else 0)])
     fig.update_yaxes(autorange="reversed", title_text="layer")
     fig.update_layout(title=dict(text=title, font=dict(size=14)), height=max(320, 16 * len(layers) + 100),
                       margin=dict(l=10, r=10, t=40, b=10),

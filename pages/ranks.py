@@ -120,7 +120,8 @@ if points:
     by_short = {short(n): n for n in layers}
     name = by_short.get(p.get("y"))
     if name is not None and p.get("x") is not None:
-        r = int(p["x"])
+        col = int(round(float(p["x"])))  # the heatmap's x is a column index (see charts.rank_heatmap)
+        r = grid[min(max(col, 0), len(grid) - 1)]
         mm, nn = shapes[name]
         new = min(r, min(mm, nn)) if shrinks(mm, nn, r) else None
         if w.ranks.get(name) != new:

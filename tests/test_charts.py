@@ -17,3 +17,6 @@ def test_heatmap_markers_sit_at_the_exact_rank_and_break_even():
     be = next(t for t in fig.data if t.name == "break-even")
     assert be.x[0] == pytest.approx(6 + 36 / 64) and be.x[1] == pytest.approx(5 + 8 / 32)
     assert be.x[2] > len(grid) - 1  # past the last column: drawn to its right
+    # a numeric axis labelled with the ranks, so fractional marker positions are not categories
+    assert fig.layout.xaxis.type == "linear" and list(fig.layout.xaxis.ticktext) == [str(r) for r in grid]
+    assert list(fig.data[0].x) == list(range(len(grid))) and list(fig.data[0].customdata[0]) == list(grid)
