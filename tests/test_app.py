@@ -670,7 +670,7 @@ def test_pages_are_usable_while_gfwsvd_computes_and_the_layer_on_screen_comes_fi
     assert sorted(order) == sorted(layers)
     at.switch_page("pages/factors.py").run()  # ws() adopts the finished method
     assert not at.exception and "gfwsvd" in exp.decompositions
-    assert not any("still being computed" in i.value for i in at.info) and len(charts(at)) == 7
+    assert not any("still being computed" in i.value for i in at.info) and len(charts(at)) == 8
 
 
 def test_a_failing_background_method_is_an_error_on_its_pages_not_a_crash(loaded, monkeypatch):

@@ -180,9 +180,9 @@ def test_explorer_end_to_end(server, page, tmp_path):
     no_exception(page)
     shot(page, "model_data", tmp_path)
 
-    # --- Fisher factors: two spectra, four factor heatmaps, the diagonal Fisher
+    # --- Fisher factors: two spectra, four factor heatmaps, the diagonal Fisher, the effective ranks
     go(page, "Fisher factors")
-    charts_render(page, 7)
+    charts_render(page, 8)
     page.locator('[data-testid="stDataFrame"]').first.wait_for()
     shot(page, "factors", tmp_path)
 
