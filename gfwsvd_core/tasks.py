@@ -547,11 +547,14 @@ class ProbeTask(ClassificationTask):
                 "train_loss": train_loss, "train_accuracy": train_acc,
                 "sha256": hashlib.sha256(w.numpy().tobytes()).hexdigest()}
 
-    def _logits(self, model, batch):
+    def _head(self, e: Tensor) -> Tensor:
+        """The fitted head's logits of embeddings ``e`` (rows, d)."""
         if self.weight is None:
             raise ConfigurationError("the probe head is not fitted; prepare the experiment with pipeline.prepare")
-        e = pooled_embeddings(model, batch)
-        logits = e @ self.weight.to(e.device).T + self.bias.to(e.device)
+        return e @ self.weight.to(e.device).T + self.bias.to(e.device)
+
+    def _logits(self, model, batch):
+        logits = self._head(pooled_embeddings(model, batch))
         return logits, batch["labels"].to(logits.device)
 
     def reference_outputs(self, model, batches):
@@ -568,7 +571,7 @@ class ProbeTask(ClassificationTask):
         with _eval_mode(model):
             for b in batches:
                 e = pooled_embeddings(model, b)
-                logits = e @ self.weight.to(e.device).T + self.bias.to(e.device)
+                logits = self._head(e)
                 labels = b["labels"].to(logits.device)
                 losses.append(F.cross_entropy(logits, labels, reduction="none").cpu())
                 correct.append((logits.argmax(-1) == labels).float().cpu())
