@@ -158,8 +158,10 @@ def test_probe_end_to_end_on_a_labelled_csv(tmp_path, tok):
     assert rep["calibration"]["task_setup"]["sha256"] == exp.task_setup["sha256"]
     assert "task_fit" in rep["timings"]
     json.dumps(rep, default=str)
-    # the head is not part of the model: compression leaves no probe weights in it
-    assert not any(name.endswith("probe") for name, _ in comp.model.named_modules())
+    # the head is not part of the model: neither the dense nor the compressed model holds its weights
+    head = exp.task.weight.data_ptr()
+    assert all(p.data_ptr() != head for m in (exp.model, comp.model) for p in m.parameters())
+    assert sum(p.numel() for p in exp.model.parameters()) == rep["params"]["model_params_before"]
 
 
 @pytest.mark.slow
