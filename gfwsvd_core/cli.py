@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import GfwsvdUserError
+from .methods import split_methods
 
 EXIT_USAGE = 2
 
@@ -100,13 +101,25 @@ def _common(p: argparse.ArgumentParser, single_method: bool = True) -> None:
     f.add_argument("--layers", nargs="+", help="layer name patterns (glob, substring or re:REGEX); default: all block linears")
     c = p.add_argument_group("compression")
     if single_method:
-        c.add_argument("--method", default="gfwsvd", help="one of: " + method_help())
+        c.add_argument("--method", default="gfwsvd", help="a method or spec such as svdllm[root=eigen]; one of: "
+                       + method_help())
+        c.add_argument("--update", action="store_true",
+                       help="after truncation, re-solve each layer's output side by least squares on the calibration "
+                            "inputs (closed-form update)")
+        c.add_argument("--allocation", choices=["uniform", "budget", "v2"],
+                       help="how --ratio becomes ranks: uniform per layer, one global budget on the loss estimate, or "
+                            "SVD-LLM V2's per-type ratios (default: the method's own, uniform for most)")
+        c.add_argument("--sequential", action="store_true",
+                       help="compress block by block, each block's statistics on the already-compressed model "
+                            "(one extra statistics pass per block)")
         how = c.add_mutually_exclusive_group()
         how.add_argument("--ratio", type=_ratio, help="parameters kept per layer, in (0, 1] (default 0.5)")
         how.add_argument("--ranks", type=Path, help="JSON file {layer: rank or null}")
     else:
         c.add_argument("--methods", default=",".join(explorer_methods()),
-                       help="comma-separated methods (default %(default)s); available: " + method_help())
+                       help="comma-separated methods or specs, e.g. svd,svd[update=true],svdllm2 (default "
+                            "%(default)s); options every method takes: update, allocation (uniform, budget, v2), "
+                            "sequential; available: " + method_help())
         c.add_argument("--ratios", type=_ratios, default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.8], help="comma-separated kept ratios")
     p.add_argument("--report", type=Path, help="write the JSON report here")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (default: refuse)")
@@ -206,6 +219,15 @@ def _silence_transformers() -> None:
     tlogging.disable_progress_bar()
 
 
+def _method_spec(a) -> str:
+    """The method spec of --method with --update / --allocation / --sequential applied."""
+    from .methods import get_method, method_key
+
+    opts = {k: v for k, v in (("update", a.update or None), ("allocation", a.allocation),
+                              ("sequential", a.sequential or None)) if v is not None}
+    return method_key(get_method(a.method, **opts))
+
+
 def _options(a) -> dict:
     return {
         "model": a.model, "task": a.task, "calib": a.calib, "text_column": a.text_column,
@@ -249,7 +271,7 @@ def cmd_compress(a) -> int:
     from .io import export_dense, save_compressed
     from .methods import get_method
 
-    get_method(a.method)  # validate before the long work
+    a.method = _method_spec(a)  # validate before the long work
     ranks = _load_ranks(a.ranks) if a.ranks else None
     exp = pipeline.prepare(**_options(a))
     if ranks:
@@ -287,7 +309,7 @@ def cmd_evaluate(a) -> int:
                "timings": dict(exp.timings)}
         _print_metrics(rep)
     else:
-        get_method(a.method)
+        a.method = _method_spec(a)
         ranks = _load_ranks(a.ranks) if a.ranks else None
         exp = pipeline.prepare(**_options(a))
         if ranks:
@@ -375,7 +397,7 @@ def cmd_sweep(a) -> int:
     from . import pipeline
     from .methods import get_method
 
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    methods = split_methods(a.methods)
     if not methods:
         raise UserError("--methods names no method; give e.g. svd,gfwsvd")
     for m in methods:
@@ -386,9 +408,10 @@ def cmd_sweep(a) -> int:
     rep = pipeline.run_sweep(exp, methods, a.ratios, progress=prog)
     _print_warnings(rep)
     keys = list(rep["rows"][0]["metrics"])
-    print(f"{'method':<8} {'ratio':>6} {'kept':>6} " + " ".join(f"{k:>10}" for k in keys))
+    width = max(8, *(len(r["method"]) for r in rep["rows"]))
+    print(f"{'method':<{width}} {'ratio':>6} {'kept':>6} " + " ".join(f"{k:>10}" for k in keys))
     for row in rep["rows"]:
-        print(f"{row['method']:<8} {row['ratio']:>6.2f} {row['kept_layers']:>6.3f} "
+        print(f"{row['method']:<{width}} {row['ratio']:>6.2f} {row['kept_layers']:>6.3f} "
               + " ".join(f"{row['metrics'][k]:>10.4f}" for k in keys))
     if a.out:
         pipeline.write_json(rep, Path(a.out) / "sweep.json")
@@ -402,7 +425,7 @@ def cmd_study(a) -> int:
     from .study import markdown, run_study
     from .tasks import get_task
 
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    methods = split_methods(a.methods)
     if not methods:
         raise UserError("--methods names no method; give e.g. svd,gfwsvd")
     try:

@@ -17,8 +17,9 @@ from torch import nn
 from .factorized import LowRankLinear, replace_layer
 from .layers import get_weight, weight_shape
 from .methods import Method, Weights, get_method
-from .ranks import break_even_rank, budget_ranks, kept_params, layer_params, uniform_ranks, validate_ranks
+from .ranks import break_even_rank, budget_ranks, kept_params, layer_params, uniform_ranks, v2_ranks, validate_ranks
 from .solver import WeightedDecomposition, decompose
+from .update import closed_form_update
 from .yardstick import exact_quadratic_curve
 from .stats import Cancelled, LayerStats
 
@@ -86,7 +87,7 @@ def decompose_layers(
         t0 = time.perf_counter()
         module = model.get_submodule(name)
         w = method.weights(stats[name])
-        dec = decompose(get_weight(module), w.left, w.right, damping=w.damping)
+        dec = decompose(get_weight(module), w.left, w.right, damping=w.damping, root_kind=w.root)
         info = {k: v for k, v in w.info.items() if k != "factors"}
         for side, rt in (("left", dec.left), ("right", dec.right)):
             if rt is not None:
@@ -95,12 +96,30 @@ def decompose_layers(
         info["zero_weight"] = dec.zero_weight
         info["warnings"] = list(w.info.get("warnings", [])) + _method_warnings(info) + dec.warnings
         w.info = info
-        curve = exact_quadratic_curve(stats[name], dec, get_weight(module))
-        out[name] = LayerDecomposition(name, weight_shape(module), method.name, dec, info,
-                                       time.perf_counter() - t0, w, curve)
+        if method.update:
+            out[name] = updated_layer(LayerDecomposition(name, weight_shape(module), method.name, dec, info, 0.0, w),
+                                      get_weight(module), stats[name])
+            out[name].seconds = time.perf_counter() - t0
+        else:
+            curve = exact_quadratic_curve(stats[name], dec, get_weight(module))
+            out[name] = LayerDecomposition(name, weight_shape(module), method.name, dec, info,
+                                           time.perf_counter() - t0, w, curve)
         if progress:
             progress(i + 1, len(names), f"{method.label}: {name}")
     return out
+
+
+def updated_layer(dec: LayerDecomposition, W: torch.Tensor, stats: LayerStats) -> LayerDecomposition:
+    """``dec`` with the closed-form update after every truncation (:mod:`gfwsvd_core.update`),
+    from the layer's input Gram; the exact quadratic curve is recomputed on the updated factors.
+    Reuses the decomposition: the weighting (e.g. GFWSVD's Kronecker factors) is not refitted."""
+    t0 = time.perf_counter()
+    upd = closed_form_update(dec.decomposition, W, stats.input_gram)
+    info = {**dec.info, "update": {"damping": upd.damping},
+            "warnings": list(dec.info.get("warnings", [])) + upd.warnings[len(dec.decomposition.warnings):]}
+    curve = exact_quadratic_curve(stats, upd, W)
+    return LayerDecomposition(dec.name, dec.shape, dec.method, upd, info, dec.seconds + time.perf_counter() - t0,
+                              dec.weights, curve)
 
 
 #: names of the two loss curves a layer can be allocated by
@@ -149,18 +168,27 @@ def _method_warnings(info: Mapping[str, Any]) -> list[str]:
 
 
 def resolve_ranks(
-    decs: Mapping[str, LayerDecomposition], ratio: Optional[float] = None, ranks: Optional[Mapping] = None
+    decs: Mapping[str, LayerDecomposition], ratio: Optional[float] = None, ranks: Optional[Mapping] = None,
+    allocation: str = "uniform",
 ) -> dict[str, Optional[int]]:
-    """Ranks from exactly one of a kept ratio (per layer; for auto, whose decompositions carry an
-    ``allocation_curve``, one global budget) or an explicit ``{layer: rank}`` map."""
+    """Ranks from exactly one of a kept ratio or an explicit ``{layer: rank}`` map.
+
+    ``allocation`` turns the ratio into ranks: "uniform" (the ratio in every layer), "budget"
+    (one global budget on :func:`allocation_curves`: auto's held-out curve, else the exact
+    quadratic, else the method's own prediction) or "v2" (SVD-LLM V2's per-type ratios from each
+    matrix's truncation loss at the uniform rank, :func:`gfwsvd_core.ranks.v2_ranks`).
+    """
     if (ratio is None) == (ranks is None):
         raise ValueError("give exactly one of ratio (parameters kept per layer) or ranks ({layer: rank})")
     shapes = {n: d.shape for n, d in decs.items()}
     if ranks is not None:
         return validate_ranks(shapes, ranks)
-    if decs and all(d.allocation_curve is not None for d in decs.values()):
-        # auto chooses ranks with its methods: the ratio is one global budget over these layers
-        return budget_ranks({n: d.allocation_curve for n, d in decs.items()}, shapes, ratio)
+    if allocation == "budget":
+        return budget_ranks(allocation_curves(decs)[0], shapes, ratio)
+    if allocation == "v2":
+        return v2_ranks({n: d.predicted_loss for n, d in decs.items()}, shapes, ratio)
+    if allocation != "uniform":
+        raise ValueError(f"allocation must be uniform, budget or v2, got {allocation!r}")
     return uniform_ranks(shapes, ratio)
 
 
@@ -271,7 +299,7 @@ def compress(
     if ranks is not None:
         validate_ranks({n: d.shape for n, d in decs.items()}, ranks)  # e.g. a layer outside ``layers``
         decs = {n: decs[n] for n in ranks}
-    chosen = resolve_ranks(decs, ratio, ranks)
+    chosen = resolve_ranks(decs, ratio, ranks, get_method(method).allocation if ratio is not None else "uniform")
     decs = {n: decs[n] for n in chosen}
     name = next(iter(decs.values())).method if decs else str(method)
     return Compression(build_compressed(model, decs, chosen), name, chosen, decs,

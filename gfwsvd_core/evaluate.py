@@ -18,9 +18,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 from torch import nn
 
-from .compress import Compression, LayerDecomposition, build_compressed, decompose_layers
+from .compress import Compression, LayerDecomposition, build_compressed, decompose_layers, resolve_ranks
 from .layers import get_weight
-from .methods import get_method
+from .methods import get_method, method_key
 from .ranks import check_ratio, kept_params, uniform_ranks
 from .stats import Cancelled, LayerStats
 from .yardstick import compare_options, metric_intervals
@@ -37,6 +37,27 @@ def exact_quadratic(stats: LayerStats, dec: LayerDecomposition, rank: Optional[i
         return None
     dW = W.double() - dec.decomposition.reconstruct(rank)
     return stats.quadratic(dW.float() if stats.X is not None and stats.X.dtype != dW.dtype else dW)
+
+
+def fisher_alignment(stats: Optional[LayerStats], dec: LayerDecomposition, rank: Optional[int], W,
+                     exact: Optional[float] = None) -> Optional[dict]:
+    """Our Fisher-aligned view of one layer (``fisher.violation.alignment_summary``), or None
+    without per-sample gradients and K-FAC moments: ``rho_kfac`` always; with GFWSVD's factors the
+    NKP fit error and the overlap of the top-``rank`` input eigenspaces (of ``A`` and ``E[x x^T]``);
+    at a kept rank also the exact quadratic over K-FAC's best-scaled prediction. Costs one
+    Kronecker map per layer (``||F||`` is the one GFWSVD cached) and two eigendecompositions."""
+    if (stats is None or stats.num_samples == 0 or not stats.has("samples") or stats.xx_sum is None
+            or stats.dd_sum is None):
+        return None
+    from .fisher.violation import alignment_summary
+    from .ranks import rank_for_ratio
+
+    kron = dec.info.get("kronecker")
+    factors = dec.factors if kron is not None else None
+    m, n = dec.shape
+    k = rank if rank is not None else rank_for_ratio(m, n, 0.5)
+    dW = None if rank is None else W.double() - dec.decomposition.reconstruct(rank).to(W.device)
+    return alignment_summary(stats, factors, kron, None if k is None else min(k, n), dW, exact)
 
 
 def measured_increase(model: nn.Module, task: Any, batches: Sequence, dec: LayerDecomposition, rank: int,
@@ -79,6 +100,9 @@ def layer_report(
             rec["relative_error"] = 0.0
         if measure:
             rec["measured_increase"] = 0.0 if r is None else measured_increase(model, task, batches, dec, r, base_loss)
+        alignment = fisher_alignment(stats.get(name) if stats else None, dec, r, W, rec["exact_quadratic"])
+        if alignment is not None:
+            rec["fisher_alignment"] = alignment
         if progress:
             progress(i + 1, len(recs), f"layer report: {name}")
     return recs
@@ -103,8 +127,14 @@ def sweep(
     decompositions: Optional[Mapping[str, Mapping[str, LayerDecomposition]]] = None,
     progress: Any = None,
     cancel: Any = None,
+    sequential: Optional[Any] = None,
 ) -> list[dict]:
     """Metrics over a grid of kept ratios for several methods, from one statistics pass.
+
+    Rows are keyed by each method's spec (:func:`gfwsvd_core.methods.method_key`, e.g.
+    ``svd[update=true]``); ranks follow each method's ``allocation``. A method with
+    ``sequential=True`` is compressed per ratio by ``sequential(method, ranks)`` (its ranks come
+    from the one-pass decompositions).
 
     Each method's decompositions are computed once (or taken from ``decompositions[method]``)
     and truncated per ratio. Returns one record per (method, ratio) plus the dense baseline
@@ -129,19 +159,24 @@ def sweep(
     done = 0
     for method in methods:
         t0 = time.perf_counter()
-        key = method.name  # canonical name: "GFWSVD" and "gfwsvd" share decompositions
+        key = method_key(method)  # canonical spec: "GFWSVD" and "gfwsvd" share decompositions
+        if method.sequential and sequential is None:
+            raise ValueError(f"{key} compresses sequentially: pass sequential= (pipeline.run_sweep does)")
         decs = (decompositions or {}).get(key) or decompose_layers(model, stats, method, layers, cancel=cancel)
         t_dec = time.perf_counter() - t0
-        shapes = {n: d.shape for n, d in decs.items()}
         for ratio in ratios:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("sweep cancelled")
-            ranks = uniform_ranks(shapes, ratio)
-            comp = Compression(build_compressed(model, decs, ranks), key, ranks, dict(decs))
-            after, before = kept_params(shapes, ranks)
+            ranks = resolve_ranks(decs, ratio, allocation=method.allocation)
+            if method.sequential:
+                comp = sequential(method, ranks)
+            else:
+                comp = Compression(build_compressed(model, decs, ranks), key, ranks, dict(decs))
+            shapes = {n: d.shape for n, d in comp.decompositions.items()}
+            after, before = kept_params(shapes, comp.ranks)
             values = task.example_values(comp.model, batches, reference)
             metrics = task.aggregate(values)
-            name = next(iter(decs.values())).method
+            name = key
             cell_values.setdefault(ratio, {})[name] = values
             rows.append({
                 "method": name, "ratio": ratio,

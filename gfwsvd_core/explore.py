@@ -196,3 +196,38 @@ def effective_ranks(decs: Mapping[str, LayerDecomposition], stats: Mapping[str, 
             row["kfac_in"], row["kfac_out"] = participation_ratio(s.xx_sum), participation_ratio(s.dd_sum)
         rows.append(row)
     return rows
+
+
+def fisher_alignment_table(decs: Mapping[str, LayerDecomposition], stats: Mapping[str, Any],
+                           model: Any = None, ratio: float = 0.5) -> list[dict]:
+    """Per layer, our Fisher-aligned view of GFWSVD decompositions (see ``fisher.violation``):
+    ``rho_kfac`` (how far the Fisher is from K-FAC's independent ``E[x xᵀ] ⊗ E[d dᵀ]``, best
+    scale), GFWSVD's ``nkp_fit_error`` (the floor of any single Kronecker product), the overlap of
+    the top-k input eigenspaces of GFWSVD's ``A`` and of ``E[x xᵀ]`` beside its chance level k/n,
+    with ``k`` the rank that keeps ``ratio`` of the layer's parameters (capped at n); with ``model``
+    also the exact quadratic of the rank-k GFWSVD truncation over K-FAC's prediction.
+
+    Layers without per-sample gradients, K-FAC moments or GFWSVD factors are left out. Our
+    diagnostic, inspired by FASC's dependence-violation score; not the paper's formula."""
+    from .fisher.violation import alignment_summary
+    from .layers import get_weight
+    from .ranks import rank_for_ratio
+
+    rows = []
+    for name, d in decs.items():
+        s = stats.get(name)
+        f = d.factors
+        if (s is None or f is None or "kronecker" not in d.info or s.xx_sum is None or s.dd_sum is None
+                or not s.has("samples") or s.num_samples == 0):
+            continue
+        m, n = d.shape
+        k = min(rank_for_ratio(m, n, ratio) or max(1, min(m, n) // 2), n)
+        dW = exact = None
+        if model is not None:
+            W = get_weight(model.get_submodule(name)).double()
+            dW = W - d.decomposition.reconstruct(k).to(W.device)
+            if d.exact_curve is not None:
+                exact = float(d.exact_curve[k])
+        rec = alignment_summary(s, f, d.info["kronecker"], k, dW, exact)
+        rows.append({"layer": name, "shape": f"{m}x{n}", "samples": s.num_samples, **rec})
+    return rows

@@ -7,6 +7,7 @@ produced so far; every stage is timed and every input is recorded for the report
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -17,15 +18,17 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from .compress import Compression, LayerDecomposition, compress, decompose_layers
+from .compress import (Compression, LayerDecomposition, build_compressed, compress, decompose_layers, resolve_ranks,
+                       updated_layer)
+from .factorized import LowRankLinear, replace_layer
 from .data import TextSource, load_texts, split_texts
 from .evaluate import layer_report, sweep
-from .layers import select_layers
+from .layers import get_weight, select_layers
 from .errors import ConfigurationError, DataError, OutputPathError
 from .meter import StageRecord, lifetime_peak_mb, measure
-from .methods import get_method
+from .methods import get_method, method_key
 from .models import ModelBundle, default_layers, load_model
-from .stats import LayerStats, collect_statistics, estimate_memory, has_kinds, merge_stats
+from .stats import Cancelled, LayerStats, collect_statistics, estimate_memory, has_kinds, merge_stats
 from .yardstick import metric_intervals
 
 DEFAULTS = {
@@ -179,17 +182,6 @@ def _record(exp: Experiment, stage: str, rec: StageRecord, run: Optional[dict] =
         run[stage] = rec.as_dict()
 
 
-def method_key(method: Any) -> str:
-    """Cache key of a configured method: its name when every option is the default, else the name
-    with the options that differ, e.g. ``gfwsvd[damping=0.5]``; reports never mix configurations."""
-    m = get_method(method)
-    default = type(m)().config()
-    changed = {k: v for k, v in m.config().items() if default.get(k) != v}
-    if not changed:
-        return m.name
-    return m.name + "[" + ",".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in sorted(changed.items())) + "]"
-
-
 def prepare(bundle: Optional[ModelBundle] = None, **options) -> Experiment:
     """Load the model, the task and disjoint calibration / evaluation sets (see ``DEFAULTS``).
 
@@ -277,7 +269,7 @@ def usable_texts(source: TextSource, task: Any) -> tuple[TextSource, int]:
 def required_kinds(methods: Sequence[Any]) -> tuple[str, ...]:
     kinds: list[str] = []
     for m in methods:
-        for k in get_method(m).requires:
+        for k in get_method(m).kinds():
             if k not in kinds:
                 kinds.append(k)
     return tuple(kinds) or ("inputs",)
@@ -356,9 +348,25 @@ def decompositions(exp: Experiment, method: Any, progress: Any = None, cancel: A
     m = get_method(method)
     if exp.stats is None:
         raise ConfigurationError("collect statistics first")
+    if m.sequential:  # the one-pass fit of the same method: what its ranks are allocated on
+        m = dataclasses.replace(m, sequential=False)
     if getattr(m, "composite", False):
         return _composite_decompositions(exp, m, progress, cancel, run)
-    missing = has_kinds(exp.stats, m.requires)
+    if m.update:  # the plain method's decompositions, each followed by the closed-form update
+        key = method_key(m)
+        missing = has_kinds(exp.stats, m.kinds())
+        if missing:
+            raise ConfigurationError(f"{key} needs statistics {missing}; collect them again including this method")
+        if key not in exp.decompositions:
+            base = decompositions(exp, dataclasses.replace(m, update=False), progress, cancel, run)
+            with measure(exp.model.device) as rec:
+                exp.decompositions[key] = {n: updated_layer(d, get_weight(exp.model.get_submodule(n)), exp.stats[n])
+                                           for n, d in base.items()}
+            _record(exp, f"decompose:{key}", rec, run)
+        elif run is not None:
+            run[f"decompose:{key}"] = {"seconds": 0.0, "cached": True}
+        return exp.decompositions[key]
+    missing = has_kinds(exp.stats, m.kinds())
     if missing:
         raise ConfigurationError(
             f"method {m.name} needs statistics {missing}; collect them again including this method")
@@ -392,26 +400,81 @@ def _composite_decompositions(exp: Experiment, m: Any, progress: Any, cancel: An
     from .methods.auto import choose
 
     candidates = m.resolve(exp.stats)
-    full = {c: decompositions(exp, c, progress=progress, cancel=cancel, run=run) for c in candidates}
+    full = {c: decompositions(exp, m.candidate(c), progress=progress, cancel=cancel, run=run) for c in candidates}
     fold_fit = {}
     for c in candidates:
-        cm = get_method(c)
+        cm = m.candidate(c)
         ck = method_key(cm)
-        if cm.requires == ():  # unweighted (plain SVD): the fit does not depend on the samples
+        if cm.requires == () and not cm.update:  # unweighted (plain SVD): the fit does not depend on the samples
             fold_fit[c] = full[c]
             continue
-        if ck not in exp.fold_decompositions:
+        plain = dataclasses.replace(cm, update=False)
+        pk = method_key(plain)
+        if pk not in exp.fold_decompositions:
             with measure(exp.model.device) as rec:
-                exp.fold_decompositions[ck] = decompose_layers(
-                    exp.model, exp.fold_stats[0], cm, progress=progress and (
+                exp.fold_decompositions[pk] = decompose_layers(
+                    exp.model, exp.fold_stats[0], plain, progress=progress and (
                         lambda d, t, msg: progress(d, t, f"fold A, {msg}")), cancel=cancel)
-            _record(exp, f"decompose_fold:{ck}", rec, run)
+            _record(exp, f"decompose_fold:{pk}", rec, run)
+        if ck not in exp.fold_decompositions:  # the update on fold A's inputs, reusing fold A's fit
+            exp.fold_decompositions[ck] = {
+                n: updated_layer(d, get_weight(exp.model.get_submodule(n)), exp.fold_stats[0][n])
+                for n, d in exp.fold_decompositions[pk].items()}
         fold_fit[c] = exp.fold_decompositions[ck]
     with measure(exp.model.device) as rec:
         decs = choose(exp.model, exp.fold_stats[1], full, fold_fit, candidates, layers=list(exp.stats))
     exp.decompositions[key] = decs
     _record(exp, f"decompose:{key}", rec, run)
     return decs
+
+
+def blocks_of(names: Sequence[str]) -> list[list[str]]:
+    """Layers grouped by transformer block (the name up to its first numeric part, e.g.
+    ``encoder.layer.3``), in model order; layers outside any numbered block form their own groups."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        idx = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        key = ".".join(parts[: idx + 1]) if idx is not None else name
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+def sequential_compression(exp: Experiment, method: Any, ranks: Mapping[str, Optional[int]], progress: Any = None,
+                           cancel: Any = None) -> Compression:
+    """Compress block by block: each block's statistics are collected on the model whose earlier
+    blocks are already compressed (as GPTQ-style and SVD-LLM's pipelines propagate), then its
+    layers are decomposed and truncated to ``ranks``. Costs one statistics pass over the
+    calibration batches per block (forward and, for gradient-based methods, backward), on top of
+    the one-pass statistics the ranks and the report's yardstick come from."""
+    m = dataclasses.replace(get_method(method), sequential=False)
+    kinds = m.kinds()
+    fisher = exp.settings["fisher"]
+    current = build_compressed(exp.model, {}, {})  # shares every weight with exp.model until replaced
+    blocks = [[n for n in b if n in ranks] for b in blocks_of(exp.layers)]
+    blocks = [b for b in blocks if b]
+    decs: dict[str, LayerDecomposition] = {}
+    for i, block in enumerate(blocks):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("sequential compression cancelled")
+        if progress:
+            progress(i, len(blocks), f"sequential: block {i + 1} of {len(blocks)}")
+        gen = torch.Generator().manual_seed(int(exp.settings["seed"]))
+        wanted = set(block)
+        stats = collect_statistics(current, exp.calib_batches,
+                                   lambda model, batch: exp.task.fisher_loss(model, batch, fisher=fisher, generator=gen),
+                                   layers=lambda name, mod: name in wanted, kinds=kinds, sample_unit=exp.sample_unit,
+                                   cancel=cancel)
+        d = decompose_layers(current, stats, m, layers=block, cancel=cancel)
+        for name in block:
+            r = ranks.get(name)
+            if r is not None:
+                up, down = d[name].decomposition.factors(r)
+                replace_layer(current, name, LowRankLinear.replacing(current.get_submodule(name), up, down))
+        decs.update(d)
+    if progress:
+        progress(len(blocks), len(blocks), "sequential: done")
+    return Compression(current.eval(), method_key(method), {n: ranks.get(n) for n in decs}, decs)
 
 
 def run_compression(exp: Experiment, method: Any, ratio: Optional[float] = None,
@@ -423,8 +486,14 @@ def run_compression(exp: Experiment, method: Any, ratio: Optional[float] = None,
     run: dict[str, dict] = {}
     decs = decompositions(exp, method, progress=progress, cancel=cancel, run=run)
     with _measure(exp) as rec:
-        comp = compress(exp.model, exp.stats, method, ratio=ratio, ranks=ranks, decompositions=decs)
-    _record(exp, "compress", rec, run)
+        if method.sequential:
+            chosen = resolve_ranks(decs, ratio, ranks, method.allocation if ratio is not None else "uniform")
+            comp = sequential_compression(exp, method, chosen, progress=progress, cancel=cancel)
+            comp.requested = dict(ranks) if ranks is not None else {}
+        else:
+            comp = compress(exp.model, exp.stats, method, ratio=ratio, ranks=ranks, decompositions=decs)
+            comp.method = method_key(method)  # the variant, e.g. svd[update=true], in the report and the export
+    _record(exp, "sequential_compress" if method.sequential else "compress", rec, run)
     with _measure(exp) as rec:
         layers = layer_report(exp.model, comp, exp.stats, exp.task, exp.calib_batches, measure=measure,
                               progress=progress, cancel=cancel)
@@ -543,10 +612,11 @@ def report(exp: Experiment, comp: Compression, base, metrics, layers: list[dict]
 
 def run_sweep(exp: Experiment, methods: Sequence[Any], ratios: Sequence[float], progress=None, cancel=None) -> dict:
     run: dict[str, dict] = {}
-    decs = {get_method(m).name: decompositions(exp, m, cancel=cancel, run=run) for m in methods}
+    decs = {method_key(m): decompositions(exp, m, cancel=cancel, run=run) for m in methods}
     with _measure(exp) as rec:
         rows = sweep(exp.model, exp.stats, exp.task, exp.eval_batches, methods, ratios, decompositions=decs,
-                     progress=progress, cancel=cancel)
+                     progress=progress, cancel=cancel,
+                     sequential=lambda m, r: sequential_compression(exp, m, r, cancel=cancel))
     _record(exp, "sweep", rec, run)
     stages = _run_stages(exp, run)
     peaks = [v["cpu_peak_mb"] for v in stages.values() if "cpu_peak_mb" in v]

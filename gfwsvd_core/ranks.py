@@ -8,6 +8,7 @@ layer (``r(m+n)`` parameters) is no smaller than the dense one (``mn``). Ratios 
 from __future__ import annotations
 
 import heapq
+import re
 import math
 from typing import Mapping, Optional
 
@@ -182,3 +183,54 @@ def budget_ranks(
         used += opts[name][j][0] - opts[name][idx[name]][0]
         idx[name] = j
     return {name: opts[name][idx[name]][2] for name in shapes}
+
+
+def matrix_type(name: str) -> str:
+    """A layer's matrix type: its name with block indices replaced, e.g.
+    ``encoder.layer.3.attention.self.query`` -> ``encoder.layer.*.attention.self.query``."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
+
+
+def v2_ranks(
+    curves: Mapping[str, torch.Tensor], shapes: Mapping[str, Shape], ratio: float
+) -> dict[str, Optional[int]]:
+    """SVD-LLM V2's heterogeneous ranks: per matrix type, kept ratios from truncation losses.
+
+    Matrices are grouped by type (:func:`matrix_type`: all queries, all FFN outputs, ...). Each
+    matrix's theoretical truncation loss at the uniform rank is ``L_i = sqrt(2 curve_i[r])`` (for
+    SVD-LLM's whitening, ``curve`` = half the tail energy, so ``L_i`` is the norm of the dropped
+    singular values of ``W S``: the output error ``||dW X||_F``). Inside a group of size ``|G|``
+    with removed fraction ``R = 1 - ratio``, matrix i removes ``R_i = |G| R w_i / sum_j w_j`` with
+    ``w_i = 1 / log(L_i)``: higher loss, less compression. ``1/log`` is undefined for ``L <= 1``,
+    so a group with any such loss uses ``log1p`` (as a public re-implementation does; V2's code
+    is unreleased). Removed fractions are clipped to [0, 1); the kept total can then differ a
+    little from ``ratio`` (the report states the kept ratio actually reached). Equal shapes per
+    group mean each group keeps about ``ratio`` of its parameters.
+    """
+    ratio = check_ratio(ratio)
+    missing = [n for n in shapes if n not in curves]
+    if missing:
+        raise ConfigurationError(f"no truncation-loss curve for layer(s) {', '.join(missing[:5])}")
+    uniform = uniform_ranks(shapes, ratio)
+    if ratio >= 1:
+        return uniform
+    groups: dict[str, list[str]] = {}
+    for name in shapes:
+        groups.setdefault(matrix_type(name), []).append(name)
+    out: dict[str, Optional[int]] = {}
+    removed = 1 - ratio
+    for names in groups.values():
+        losses = []
+        for n in names:
+            r = uniform[n]
+            c = curves[n]
+            losses.append(math.sqrt(max(2 * float(c[r]), 0.0)) if r is not None and r < len(c) else 0.0)
+        f = math.log if all(L > 1 for L in losses) else math.log1p
+        w = [1 / max(f(L), 1e-300) for L in losses]
+        total = sum(w)
+        for n, wi in zip(names, w):
+            m, k = shapes[n]
+            share = len(names) * removed * wi / total if total > 0 else removed
+            kept = min(max(1 - share, 1e-9), 1.0)
+            out[n] = rank_for_ratio(m, k, kept)
+    return out

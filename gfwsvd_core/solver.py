@@ -62,6 +62,8 @@ class _KeptRoot:
         self.condition = rt.condition
         self.zero = rt.zero
         self.requested = rt.requested
+        self.kind = rt.kind
+        self.floored = rt.floored
         self._dim = rt.dim
         self._weight = weight
         self._device = device
@@ -73,7 +75,14 @@ class _KeptRoot:
 
     @property
     def L(self) -> torch.Tensor:
-        return root(self._weight.to(self._device), self.requested, self._name).L
+        return root(self._weight.to(self._device), self.requested, self._name, self.kind).L
+
+    @property
+    def eig(self) -> Optional[tuple]:
+        """Eigen-roots only: ``(U, s)``, recomputed like :attr:`L` (None for Cholesky roots)."""
+        if self.kind != "eigen":
+            return None
+        return root(self._weight.to(self._device), self.requested, self._name, self.kind).eig
 
     def __repr__(self) -> str:
         return f"_KeptRoot(dim={self._dim}, diagonal={self.diagonal}, {self.info()})"
@@ -91,7 +100,7 @@ class WeightedDecomposition:
     :class:`_KeptRoot`).
     """
 
-    def __init__(self, W: torch.Tensor, left=None, right=None, damping: float = 0.0):
+    def __init__(self, W: torch.Tensor, left=None, right=None, damping: float = 0.0, root_kind: str = "cholesky"):
         if not isinstance(W, torch.Tensor) or W.dim() != 2:
             raise ValueError("W must be a 2-D tensor (out x in)")
         if W.numel() == 0:
@@ -104,8 +113,8 @@ class WeightedDecomposition:
         Wd = W.detach().to(torch.float64)  # a temporary: not kept
         left = as_weight(left, m, "left (output-side)")
         right = as_weight(right, n, "right (input-side)")
-        lrt = None if left is None else root(left.to(W.device), damping, "left (output-side)")
-        rrt = None if right is None else root(right.to(W.device), damping, "right (input-side)")
+        lrt = None if left is None else root(left.to(W.device), damping, "left (output-side)", root_kind)
+        rrt = None if right is None else root(right.to(W.device), damping, "right (input-side)", root_kind)
         self.warnings: list[str] = []
         for side, rt in (("output-side", lrt), ("input-side", rrt)):
             if rt is not None:
@@ -198,9 +207,11 @@ class WeightedDecomposition:
         return sum(t.numel() * t.element_size() for t in (self.S, self._up, self._down))
 
 
-def decompose(W: torch.Tensor, left=None, right=None, damping: float = 0.0) -> WeightedDecomposition:
-    """SVD of the weighted matrix, reusable for every rank (sliders re-truncate this)."""
-    return WeightedDecomposition(W, left, right, damping)
+def decompose(W: torch.Tensor, left=None, right=None, damping: float = 0.0,
+              root_kind: str = "cholesky") -> WeightedDecomposition:
+    """SVD of the weighted matrix, reusable for every rank (sliders re-truncate this).
+    ``root_kind``: "cholesky" (damping added to the weight) or "eigen" (eigenvalues floored)."""
+    return WeightedDecomposition(W, left, right, damping, root_kind)
 
 
 def weighted_svd(W: torch.Tensor, rank: int, left=None, right=None, damping: float = 0.0) -> WeightedSVDResult:
@@ -230,6 +241,9 @@ def _apply_left(rt: Optional[Root], M: torch.Tensor) -> torch.Tensor:
         return M
     if rt.diagonal:
         return rt.L[:, None] * M
+    if rt.eig is not None:
+        U, s = rt.eig
+        return s.sqrt()[:, None] * (U.T @ M)
     return rt.L.T @ M
 
 
@@ -239,6 +253,9 @@ def _apply_right(rt: Optional[Root], M: torch.Tensor) -> torch.Tensor:
         return M
     if rt.diagonal:
         return M * rt.L[None, :]
+    if rt.eig is not None:
+        U, s = rt.eig
+        return (M @ U) * s.sqrt()[None, :]
     return M @ rt.L
 
 
@@ -248,6 +265,9 @@ def _solve_left_t(rt: Optional[Root], M: torch.Tensor) -> torch.Tensor:
         return M
     if rt.diagonal:
         return M / rt.L[:, None]
+    if rt.eig is not None:
+        U, s = rt.eig
+        return U @ (M / s.sqrt()[:, None])
     return torch.linalg.solve_triangular(rt.L.T, M, upper=True)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics as st
 from typing import Any, Callable, Optional, Sequence
 
-from .methods import get_method
+from .methods import method_key
 
 
 def run_study(methods: Sequence[str], ratios: Sequence[float], seeds: Sequence[int], options: dict,
@@ -21,7 +21,7 @@ def run_study(methods: Sequence[str], ratios: Sequence[float], seeds: Sequence[i
     """Run the grid; ``options`` are :func:`gfwsvd_core.pipeline.prepare` settings (without seed)."""
     from . import pipeline
 
-    methods = [get_method(m).name for m in methods]  # validate before the long work
+    methods = [method_key(m) for m in methods]  # validate before the long work
     if not seeds:
         raise ValueError("a study needs at least one seed")
     runs = []

@@ -8,7 +8,7 @@ from typing import Mapping, Optional, Sequence
 
 import plotly.graph_objects as go
 
-from .state import DENSE_COLOR, color, label
+from .state import DENSE_COLOR, color, dash, label
 
 EXPORT_CONFIG = {"toImageButtonOptions": {"format": "png", "scale": 2}, "displaylogo": False}
 
@@ -106,7 +106,8 @@ def sweep_curves(rows: Sequence[dict], metric: str, higher_is_better: bool) -> g
             err = dict(type="data", symmetric=False, array=[iv[1] - y for iv, y in zip(ivs, ys)],
                        arrayminus=[y - iv[0] for iv, y in zip(ivs, ys)], thickness=1, width=3)
         fig.add_trace(go.Scatter(x=[r["kept_layers"] for r in pts], y=ys, error_y=err,
-                                 mode="lines+markers", name=label(method), line=dict(color=color(method))))
+                                 mode="lines+markers", name=label(method),
+                                 line=dict(color=color(method), dash=dash(method))))
     if dense is not None:
         fig.add_hline(y=dense["metrics"][metric], line_dash="dash", line_color=DENSE_COLOR,
                       annotation_text="dense", annotation_position="bottom right")
@@ -189,3 +190,38 @@ def effective_rank_chart(rows: Sequence[dict], names: Sequence[str]) -> go.Figur
         fig.add_hline(y=ks.pop(), line_dash="dash", line_color=DENSE_COLOR,
                       annotation_text=f"K = {rows[0]['samples']} samples", annotation_position="top left")
     return _layout(fig, "effective rank (participation ratio) of the factors", "layer", "effective rank", logy=True)
+
+
+def fisher_alignment_chart(rows: Sequence[dict], names: Sequence[str]) -> go.Figure:
+    """Our Fisher-aligned view per layer, all on a 0..1 axis: K-FAC's independence violation
+    rho_KF and GFWSVD's nearest-Kronecker fit error (its floor), the overlap of the Fisher-selected
+    and variance-ranked input subspaces, and that overlap's chance level k/n
+    (``gfwsvd_core.explore.fisher_alignment_table`` computes the numbers)."""
+    fig = go.Figure()
+    series = (("rho_kfac", "ρ_KF: distance to K-FAC's E[x xᵀ] ⊗ E[d dᵀ]", color("kfac"), "circle"),
+              ("nkp_fit_error", "NKP fit error √(1−η) (floor of any A ⊗ B)", color("gfwsvd"), "diamond"),
+              ("overlap", "input-subspace overlap, GFWSVD A vs E[x xᵀ]", "#2ca02c", "square"),
+              ("chance_overlap", "overlap by chance (k / n)", DENSE_COLOR, "line-ew"))
+    for key, name, col, symbol in series:
+        if rows and all(r.get(key) is not None for r in rows):
+            fig.add_trace(go.Scatter(x=list(names), y=[r[key] for r in rows], mode="markers", name=name,
+                                     marker=dict(color=col, symbol=symbol, size=9,
+                                                 line=dict(width=2 if symbol == "line-ew" else 1,
+                                                           color=col if symbol == "line-ew" else "white"))))
+    fig = _layout(fig, "Fisher-aligned view (ours) per layer", "layer", "value (0 … 1)")
+    fig.update_yaxes(range=[0, 1.05])
+    return fig
+
+
+def update_effect_chart(effects: dict, marker_rank: Optional[int] = None) -> go.Figure:
+    """Relative output error ``||(W - W_r) X|| / ||W X||`` over rank per method, without (solid)
+    and with (dotted) the closed-form update (``gfwsvd_core.update.update_effect`` per method)."""
+    fig = go.Figure()
+    for m, e in effects.items():
+        for key, style, suffix in (("without", "solid", ""), ("with", "dot", " + update")):
+            fig.add_trace(go.Scatter(x=e["ranks"], y=e[key], mode="lines", name=label(m) + suffix,
+                                     line=dict(color=color(m), dash=style)))
+    if marker_rank is not None:
+        fig.add_vline(x=marker_rank, line_dash="dash", line_color=DENSE_COLOR)
+    return _layout(fig, "output error on the calibration inputs, without and with the closed-form update",
+                   "rank r", "‖(W − W_r) X‖ / ‖W X‖", logy=True)

@@ -12,7 +12,7 @@ import streamlit as st
 
 from gfwsvd_core import background
 from gfwsvd_core.jobs import Job
-from gfwsvd_core.methods import available_methods, explorer_methods, method_class
+from gfwsvd_core.methods import available_methods, explorer_methods, method_class, method_label, parse_spec
 
 #: methods the explorer compares (all come from one statistics pass); the registry decides
 METHODS = explorer_methods()
@@ -22,19 +22,36 @@ DENSE_COLOR = "#111111"  # the uncompressed baseline in every chart
 TICK = 0.5
 
 
+#: methods and variants the sweep and Export offer beyond the explorer's (computed when chosen)
+EXTRA_METHODS = ["asvd", "svdllm", "svdllm2", "svdllm[sequential=true]"]
+
+
+def _known(method: str) -> bool:
+    try:
+        return parse_spec(method)[0] in available_methods()
+    except ValueError:
+        return False
+
+
 def label(method: str) -> str:
-    """Display name of a method (from its registered class); other names pass through."""
-    return method_class(method).label if method in available_methods() else method
+    """Display name of a method or spec (e.g. "SVD + update"); other names pass through."""
+    return method_label(method) if _known(method) else method
 
 
 def color(method: str) -> str:
-    """The one colour of a method in every chart (from its registered class)."""
-    return method_class(method).color if method in available_methods() else DENSE_COLOR
+    """The one colour of a method in every chart (from its registered class; a variant such as
+    ``svd[update=true]`` shares its method's colour and is drawn dotted, see :func:`dash`)."""
+    return method_class(method).color if _known(method) else DENSE_COLOR
+
+
+def dash(method: str) -> str:
+    """Line style: solid for a method, dotted for a configured variant of it."""
+    return "dot" if _known(method) and "[" in method else "solid"
 
 
 def loss_units(method: str) -> bool:
     """Whether the method's predicted losses are comparable across layers (loss units)."""
-    return method in available_methods() and method_class(method).loss_units
+    return _known(method) and method_class(method).loss_units
 
 
 @dataclass
@@ -53,6 +70,7 @@ class Workspace:
     compressed: Any = None  # (Compression, report)
     measured: dict = field(default_factory=dict)  # {(layer, method, rank): measured increase}
     curves: dict = field(default_factory=dict)  # {layer: rows}
+    update_effects: dict = field(default_factory=dict)  # Layer lab: {"key": (layer, methods, id), "effects": ...}
     curve_errors: dict = field(default_factory=dict)  # {layer: message}: not retried automatically
     export_zip: Optional[bytes] = None
     notice: str = ""

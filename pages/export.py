@@ -9,6 +9,7 @@ import streamlit as st
 
 from gfwsvd_core import pipeline
 from gfwsvd_core.errors import GfwsvdUserError
+from gfwsvd_core.methods import get_method, method_key
 from gfwsvd_core.io import output_root, resolve_output_folder, save_compressed
 from gfwsvd_core.ranks import kept_params, uniform_ranks
 from gfwsvd_ui.state import METHODS, busy, rank_methods, complete, decompositions, job_panel, label, pending_note, require_stats, start_job, ws
@@ -22,6 +23,18 @@ if not w.ranks:
 options = [m for m in rank_methods(exp) if m in METHODS or m in exp.decompositions]
 method = st.selectbox("Method", options, index=options.index(w.rank_method) if w.rank_method in options else 0,
                       format_func=label, key="export_method")
+oc = st.columns(2)
+with_update = oc[0].checkbox(
+    "Closed-form update", key="export_update",
+    help="After truncation, re-solve each layer's output side by least squares on the calibration inputs, so the "
+         "layer reproduces its dense outputs as well as the kept input directions allow (SVD-LLM's update; it "
+         "changes nothing for SVD-LLM itself)")
+blocks = len(pipeline.blocks_of(list(exp.stats)))
+sequential = oc[1].checkbox(
+    "Sequential calibration", key="export_sequential", disabled=method == "auto",
+    help=f"Compress block by block, collecting each block's statistics on the model whose earlier blocks are "
+         f"already compressed: {blocks} more statistics passes" + (" (not available for auto)" if method == "auto" else ""))
+spec = method_key(get_method(method, update=with_update, sequential=sequential and method != "auto"))
 dense = sum(1 for r in w.ranks.values() if r is None)
 st.caption(f"{len(w.ranks) - dense} layers factorised, {dense} kept dense; ranks from the Ranks page "
            f"({w.rank_rule}).")
@@ -40,7 +53,7 @@ if st.button("Compress and evaluate", type="primary", disabled=busy() or not com
     ranks = dict(w.ranks) or None
 
     def work(progress, cancel):
-        return pipeline.run_compression(exp, method, ratio=None if ranks else 0.5, ranks=ranks,
+        return pipeline.run_compression(exp, spec, ratio=None if ranks else 0.5, ranks=ranks,
                                         progress=progress, cancel=cancel)
 
     def done(result):
@@ -52,7 +65,7 @@ job_panel("Compressing and evaluating")
 if w.compressed is None:
     st.stop()
 comp, rep = w.compressed
-st.subheader(f"{label(rep['method'])}: kept {rep['kept_ratio']['layers']:.3f} of the compressed layers, "
+st.subheader(f"{label(rep.get('method_key', rep['method']))}: kept {rep['kept_ratio']['layers']:.3f} of the compressed layers, "
              f"{rep['kept_ratio']['model']:.3f} of the model")
 hib = getattr(exp.task, "higher_is_better", {})
 iv = rep.get("intervals") or {}

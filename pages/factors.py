@@ -3,8 +3,8 @@
 import pandas as pd
 import streamlit as st
 
-from gfwsvd_core.explore import (ETA_RANGES, GAP_RANGES, effective_ranks, judge_kronecker, kronecker_table, pool,
-                                 spectrum)
+from gfwsvd_core.explore import (ETA_RANGES, GAP_RANGES, effective_ranks, fisher_alignment_table, judge_kronecker,
+                                 kronecker_table, pool, spectrum)
 from gfwsvd_ui import charts
 from gfwsvd_ui.state import color, decompositions, label, pending_note, require_stats, short
 
@@ -115,3 +115,61 @@ if eff:
                "over every token. Far fewer significant directions than K-FAC's mean GFWSVD weights most of the "
                "layer's directions alike (the damping decides them), which is where it loses; more samples "
                "(a finer sample unit, more texts) raise its effective rank.")
+
+st.subheader("Fisher-aligned view (ours)")
+with st.expander("What is this view?", expanded=False):
+    st.markdown(
+        """
+**Our own diagnostic**, inspired by the "dependence violation score" of FASC (*Fisher-Aligned Subspace
+Compression*). We could not consult the paper's formula, so this is a well-defined version of the idea,
+not the paper's number.
+
+**ρ_KF** (K-FAC independence violation) `= min_c ‖F − c · E[x xᵀ] ⊗ E[d dᵀ]‖ / ‖F‖`. K-FAC assumes a
+token's input `x` and its output gradient `d` are independent (and the tokens of one sample uncorrelated);
+then the Fisher would be exactly the Kronecker product of their second moments. ρ_KF says how wrong that
+is: 0 = K-FAC's product is the Fisher (up to the best scale c), 1 = it explains none of it. The **NKP fit
+error** `√(1−η)` is the error of GFWSVD's nearest Kronecker product, the best any single `A ⊗ B` can do, so
+ρ_KF is never below it. The difference between the two is what the independence assumption costs on top
+of using a Kronecker product. With few samples K (e.g. one per calibration batch) `F` has rank at most K
+and no full-rank product fits it: both numbers are then close to 1.
+
+**Subspace overlap**: which input directions are kept? PCA-style methods (SVD-LLM) keep the top-k
+eigenvectors of `E[x xᵀ]` (the highest-variance inputs); GFWSVD's `A` ranks inputs by how much the loss
+reacts to them. The cosines of the principal angles between the two k-dimensional subspaces give the
+**overlap** = mean cos²: 1 = the same subspace, k/n = what two random subspaces share (chance). Here k is
+the rank that keeps half of the layer's parameters. **Exact / K-FAC quadratic** compares, for the
+rank-k GFWSVD truncation `dW`, the loss increase the full Fisher predicts with the one K-FAC predicts
+(at the best scale): 1 = K-FAC gets this change right.
+"""
+    )
+with st.spinner("Computing the Fisher-aligned view"):
+    mine = fisher_alignment_table({layer: d}, exp.stats, exp.model)
+    rows = fisher_alignment_table(decs, exp.stats)
+if not mine:
+    st.info("This view needs the per-sample gradients and K-FAC's moments of the layer ('samples' and 'kfac').")
+else:
+    fa = mine[0]
+    c = st.columns(5)
+    c[0].metric("ρ_KF (ours)", f"{fa['rho_kfac']:.3f}" if fa["rho_kfac"] is not None else "n/a",
+                help="‖F − c·E[x xᵀ]⊗E[d dᵀ]‖ / ‖F‖ at the best scale c"
+                     + (" (‖F‖ estimated from a random subset of sample pairs)" if fa["fisher_norm_estimated"] else ""))
+    c[1].metric("NKP fit error √(1−η)", f"{fa['nkp_fit_error']:.3f}" if fa.get("nkp_fit_error") is not None else "n/a",
+                help="the floor: the best single Kronecker product (GFWSVD's)")
+    c[2].metric(f"input-subspace overlap (k = {fa['k']})", f"{fa['overlap']:.3f}",
+                help="mean cos² of the principal angles between the top-k eigenvectors of GFWSVD's A and of E[x xᵀ]")
+    c[3].metric("overlap by chance k/n", f"{fa['chance_overlap']:.3f}")
+    ratio = fa.get("quadratic_ratio")
+    c[4].metric("exact / K-FAC quadratic", f"{ratio:.2f}" if ratio is not None else "n/a",
+                help="at rank k: the full-Fisher loss increase over K-FAC's best-scaled prediction")
+    if fa.get("gap_fisher") is not None and fa["gap_fisher"] < 1e-6:
+        st.caption("GFWSVD's A has (almost) no eigengap at k (e.g. fewer samples than k): its top-k subspace is "
+                   "partly arbitrary, and so is the overlap.")
+if rows:
+    st.plotly_chart(charts.fisher_alignment_chart(rows, [short(r["layer"]) for r in rows]),
+                    config=charts.EXPORT_CONFIG, key="fisher_alignment")
+    st.caption("Per layer: ρ_KF (ours) never lies below the NKP fit error; a large gap between them means the "
+               "inputs and output gradients are coupled, which K-FAC ignores and GFWSVD captures. The overlap "
+               "says whether the Fisher keeps the same input directions as variance (PCA) does, against the "
+               "chance level k/n."
+               + ("" if len(decs) == len(names) else f" {len(decs)} of {len(names)} layers ready; the others are "
+                  "still being computed."))

@@ -3,9 +3,10 @@
 import streamlit as st
 
 from gfwsvd_core.evaluate import measured_increase
-from gfwsvd_core.explore import kron_quadratic, layer_curves, weighted_spectra
+from gfwsvd_core.explore import kron_quadratic, layer_curves, rank_grid, weighted_spectra
 from gfwsvd_core.layers import get_weight
 from gfwsvd_core.ranks import break_even_rank
+from gfwsvd_core.update import update_effect
 from gfwsvd_core.yardstick import best_of, bootstrap_interval, per_sample_quadratics
 from gfwsvd_ui import charts
 from gfwsvd_ui.state import METHODS, busy, color, decompositions, job_panel, label, pending_note, require_stats, short, start_job, ws
@@ -126,6 +127,23 @@ spec = {label(m): v.tolist() for m, v in weighted_spectra({m: decs[m] for m in m
 st.plotly_chart(charts.spectra(spec, "singular values of each method's weighted matrix L_outᵀ W L_in", "singular value",
                                colors={label(m): color(m) for m in methods}), config=charts.EXPORT_CONFIG, key="c_spec")
 st.caption("Each spectrum is in its own method's units; its tail energy ½ Σ_{i>r} s_i² is that method's predicted loss.")
+
+# --- the closed-form update (on request: one small least-squares factorisation per method)
+st.subheader("Closed-form update")
+st.caption("After truncation, the output side can be re-solved by least squares on the calibration inputs X so that "
+           "the layer reproduces its dense outputs W X as well as the kept input directions allow (SVD-LLM's update). "
+           "It can only lower this output error; for SVD-LLM, whose truncation already minimises it, it changes "
+           "nothing. Whether the loss follows is what the sweep's 'Also with the closed-form update' measures.")
+if exp.stats[layer].xx_sum is None:
+    st.info("The input Gram of this layer was not collected: collect the statistics again.")
+elif st.toggle("Show the update's effect on this layer", key="lab_update"):
+    grid = rank_grid(max_rank)
+    key = (layer, tuple(methods), id(exp.stats[layer]))
+    if w.update_effects.get("key") != key:
+        w.update_effects = {"key": key, "effects": {m: update_effect(decs[m].decomposition, W, exp.stats[layer].input_gram,
+                                                                     grid) for m in methods}}
+    st.plotly_chart(charts.update_effect_chart(w.update_effects["effects"], marker_rank=rank),
+                    config=charts.EXPORT_CONFIG, key="c_update")
 
 # --- measured loss increase on demand
 st.subheader("Measured loss increase")

@@ -134,7 +134,9 @@ if st.button("Collect statistics", type="primary", disabled=busy()):
     def collect(progress, cancel):
         new = exp.fork()  # the page keeps showing ``exp`` until the job's result is swapped in
         # in two folds (same cost): the Ranks page can then choose a method per layer (auto)
-        pipeline.collect(new, METHODS, progress=progress, cancel=cancel, folds=len(new.calib_batches) >= 2)
+        # plus the input moments (one more cheap sum) for SVD-LLM, ASVD and the closed-form update
+        pipeline.collect(new, METHODS, progress=progress, cancel=cancel, folds=len(new.calib_batches) >= 2,
+                         extra_kinds=("inputs",))
         return new
 
     # every page is usable once the statistics are in; each method's per-layer decompositions

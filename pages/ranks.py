@@ -7,9 +7,10 @@ import streamlit as st
 from gfwsvd_core import pipeline
 from gfwsvd_core.compress import EXACT_YARDSTICK, allocation_curves, loss_curve
 from gfwsvd_core.explore import rank_grid
+from gfwsvd_core.methods import get_method, method_key
 from gfwsvd_core.ranks import break_even_rank, budget_ranks, kept_params, shrinks, uniform_ranks, validate_ranks
 from gfwsvd_ui import charts
-from gfwsvd_ui.state import (AUTO, METHODS, busy, complete, decompositions, fill_status, job_panel, label, loss_units,
+from gfwsvd_ui.state import (AUTO, EXTRA_METHODS, METHODS, busy, complete, decompositions, fill_status, job_panel, label, loss_units,
                             pending_note, rank_methods, require_stats, short, start_auto, start_job, ws)
 
 st.title("Ranks")
@@ -159,9 +160,18 @@ if new_ranks != w.ranks:
 # --- sweep
 st.subheader("Sweep: metrics over kept ratios")
 sc1, sc2 = st.columns([2, 1])
-sweep_methods = sc1.multiselect("Methods", METHODS, default=METHODS, format_func=label, key="sweep_methods")
+sweep_methods = sc1.multiselect("Methods", METHODS + EXTRA_METHODS, default=METHODS, format_func=label,
+                                key="sweep_methods",
+                                help="The four explorer methods are computed in the background; the others are "
+                                     "computed when the sweep runs (SVD-LLM sequential: one statistics pass per block "
+                                     "and ratio)")
+with_update = sc1.checkbox("Also with the closed-form update", key="sweep_update",
+                           help="Each chosen method again, its truncation followed by a least-squares re-fit of the "
+                                "output side on the calibration inputs (drawn dotted)")
 ratios_text = sc2.text_input("Kept ratios", "0.2, 0.35, 0.5, 0.7", key="sweep_ratios")
-waiting = [m for m in sweep_methods if not complete(m)]
+waiting = [m for m in sweep_methods if m in METHODS and not complete(m)]
+if with_update:
+    sweep_methods = sweep_methods + [method_key(get_method(m, update=True)) for m in sweep_methods]
 for m in waiting:
     decompositions(m)  # redraw this page when it is complete
 if waiting:

@@ -170,17 +170,27 @@ def test_factors_page(loaded):
     at.switch_page("pages/factors.py").run()
     assert not at.exception
     figs = charts(at)
-    assert len(figs) == 8  # two spectra, four factor heatmaps, the diagonal Fisher, the effective ranks
+    # two spectra, four factor heatmaps, the diagonal Fisher, the effective ranks, the Fisher-aligned view
+    assert len(figs) == 9
     assert len(at.dataframe) == 1  # Kronecker diagnostics of all layers
-    from gfwsvd_core.explore import effective_ranks
+    from gfwsvd_core.explore import effective_ranks, fisher_alignment_table
 
     w = at.session_state["ws"]
     eff = effective_ranks(w.exp.decompositions["gfwsvd"], w.exp.stats)
-    shown = {t["name"]: t["y"] for t in figs[-1]["data"]}
+    shown = {t["name"]: t["y"] for t in figs[-2]["data"]}
     assert list(shown["GFWSVD A (input side)"]) == pytest.approx([r["gfwsvd_in"] for r in eff])
     assert list(shown["K-FAC E[d dᵀ] (output side)"]) == pytest.approx([r["kfac_out"] for r in eff])
+    # the Fisher-aligned view (ours): the library's numbers, per layer and for the selected layer
+    fa = fisher_alignment_table(w.exp.decompositions["gfwsvd"], w.exp.stats)
+    shown = {t["name"].split(":")[0]: t["y"] for t in figs[-1]["data"]}
+    assert list(shown["ρ_KF"]) == pytest.approx([r["rho_kfac"] for r in fa])
+    assert "ours" in figs[-1]["layout"]["title"]["text"]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["ρ_KF (ours)"] == f"{fa[0]['rho_kfac']:.3f}"
+    assert any("Fisher-aligned view (ours)" in h.value for h in at.subheader)
     at.selectbox(key="factors_layer").select_index(3).run()
-    assert not at.exception and len(charts(at)) == 8
+    assert not at.exception and len(charts(at)) == 9
+    assert {m.label: m.value for m in at.metric}["ρ_KF (ours)"] == f"{fa[3]['rho_kfac']:.3f}"
     # the fit is judged, and the judgement is the library's for this layer
     from gfwsvd_core.explore import judge_kronecker
 
@@ -357,6 +367,46 @@ def test_export_page(loaded, tmp_path, monkeypatch):
     assert [s.value for s in at.success] == [f"Saved to {root.resolve() / 'run-1'}"]
     torch.testing.assert_close(load_compressed(root / "run-1")(**batch).last_hidden_state,
                                comp.model(**batch).last_hidden_state)
+
+
+def test_the_seed_methods_and_options_in_the_app(loaded):
+    """SVD-LLM V2, the closed-form update and sequential calibration: in the sweep (with their own
+    curves), the Layer lab (output error with and without the update) and Export."""
+    at = loaded
+    w = at.session_state["ws"]
+    at.switch_page("pages/layer_lab.py").run()
+    wait_job(at)
+    n_charts = len(charts(at))
+    at.toggle(key="lab_update").set_value(True).run()
+    assert not at.exception and len(charts(at)) == n_charts + 1
+    for m, e in w.update_effects["effects"].items():  # the update never raises the output error
+        assert all(b <= a + 1e-6 for a, b in zip(e["without"], e["with"]) if a is not None), m
+
+    at.switch_page("pages/ranks.py").run()
+    at.multiselect(key="sweep_methods").set_value(["svd", "svdllm2", "svdllm[sequential=true]"]).run()
+    at.checkbox(key="sweep_update").check().run()
+    at.text_input(key="sweep_ratios").set_value("0.4").run()
+    button(at, "Run sweep").click()
+    at.run()
+    wait_job(at)
+    assert not errors(at)
+    keys = {r["method"] for r in w.sweep["rows"]}
+    assert keys == {"dense", "svd", "svdllm2", "svdllm[sequential=true]", "svd[update=true]", "svdllm2[update=true]",
+                    "svdllm[sequential=true,update=true]"}
+    traces = {t["name"]: t for t in charts(at)[1]["data"]}  # the first metric's curves (after the heatmap)
+    assert {"SVD-LLM V2", "SVD + update", "SVD-LLM + update + sequential"} <= set(traces)
+    assert traces["SVD + update"]["line"]["dash"] == "dot" and traces["SVD"]["line"].get("dash", "solid") == "solid"
+
+    at.switch_page("pages/export.py").run()
+    at.selectbox(key="export_method").set_value("kfac").run()
+    at.checkbox(key="export_update").check().run()
+    button(at, "Compress and evaluate").click()
+    at.run()
+    wait_job(at)
+    assert not errors(at)
+    comp, rep = w.compressed
+    assert rep["method_key"] == "kfac[update=true]" and comp.method == "kfac[update=true]"
+    assert any("K-FAC + update" in h.value for h in at.subheader)
 
 
 def test_user_errors_are_messages_not_tracebacks(tmp_path):
@@ -670,7 +720,7 @@ def test_pages_are_usable_while_gfwsvd_computes_and_the_layer_on_screen_comes_fi
     assert sorted(order) == sorted(layers)
     at.switch_page("pages/factors.py").run()  # ws() adopts the finished method
     assert not at.exception and "gfwsvd" in exp.decompositions
-    assert not any("still being computed" in i.value for i in at.info) and len(charts(at)) == 8
+    assert not any("still being computed" in i.value for i in at.info) and len(charts(at)) == 9
 
 
 def test_a_failing_background_method_is_an_error_on_its_pages_not_a_crash(loaded, monkeypatch):

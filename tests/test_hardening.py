@@ -48,7 +48,7 @@ def test_method_key_names_the_options_that_differ():
     assert pipeline.method_key("gfwsvd") == "gfwsvd"
     assert pipeline.method_key(get_method("gfwsvd", damping=1e-6)) == "gfwsvd"  # the default value
     assert pipeline.method_key(get_method("gfwsvd", damping=0.5)) == "gfwsvd[damping=0.5]"
-    assert pipeline.method_key(get_method("fwsvd", side="out")) == "fwsvd[side='out']"
+    assert pipeline.method_key(get_method("fwsvd", side="out")) == "fwsvd[side=out]"
 
 
 def test_reports_never_reuse_another_configuration(exp):

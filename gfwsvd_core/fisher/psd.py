@@ -30,13 +30,20 @@ class Root:
     condition: float  # estimate of cond(L) (ratio of extreme diagonal entries of the factor)
     zero: bool = False  # the weight was exactly zero: the loss does not see this side at all
     requested: float = 0.0  # the damping asked for (``damping`` > requested means it climbed)
+    #: "cholesky" (L lower triangular) or "eigen" (L = U diag(sqrt(s)), with ``eig = (U, s)``)
+    kind: str = "cholesky"
+    eig: Optional[tuple] = None
+    floored: int = 0  # eigen: eigenvalues raised to the floor
 
     @property
     def dim(self) -> int:
         return self.L.shape[0]
 
     def info(self) -> dict:
-        return {"damping": self.damping, "fell_back": self.fell_back, "condition": self.condition, "zero": self.zero}
+        out = {"damping": self.damping, "fell_back": self.fell_back, "condition": self.condition, "zero": self.zero}
+        if self.kind != "cholesky":
+            out.update(root=self.kind, floored=self.floored)
+        return out
 
     def warnings(self, name: str) -> list[str]:
         """Every way this root departs from the weight as given, one sentence each."""
@@ -83,7 +90,38 @@ def damp(M: torch.Tensor, rel: float) -> torch.Tensor:
     return M + rel * scale * torch.eye(d, dtype=M.dtype, device=M.device)
 
 
-def root(M: torch.Tensor, damping: float = 0.0, name: str = "weight") -> Root:
+#: root kinds of a matrix weight
+ROOT_KINDS = ("cholesky", "eigen")
+
+
+def eigen_root(M: torch.Tensor, floor: float = 0.0, name: str = "weight") -> Root:
+    """Symmetric eigen-root ``L = U diag(sqrt(max(s, floor * mean(s))))`` of a PSD matrix (SVD-LLM V2).
+
+    Unlike Cholesky with damping, which adds the damping to every eigenvalue, only eigenvalues
+    below the floor are raised to it (a pseudo-inverse floor): a singular input Gram keeps its
+    large directions exactly. A clearly indefinite matrix is an error, as for Cholesky.
+    """
+    M = symmetrize(M.detach().to(torch.float64))
+    d = M.shape[0]
+    s, U = torch.linalg.eigh(M)
+    top = float(s[-1]) if d else 0.0
+    if not top > 0:
+        if torch.any(M != 0):
+            _check_psd(M, name)
+        return Root(torch.eye(d, dtype=torch.float64, device=M.device), False, 0.0, True, 1.0,
+                    zero=not bool(torch.any(M != 0)), requested=floor, kind="eigen",
+                    eig=(torch.eye(d, dtype=torch.float64, device=M.device), torch.ones(d, dtype=torch.float64, device=M.device)))
+    if float(s[0]) < -1e-6 * top:
+        _check_psd(M, name)
+    low = max(floor * float(s.clamp_min(0).mean()), 1e-15 * top)
+    floored = int((s < low).sum())
+    s = s.clamp_min(low)
+    L = U * s.sqrt()[None, :]
+    return Root(L, False, floor, False, float((s[-1] / s[0]) ** 0.5), requested=floor, kind="eigen", eig=(U, s),
+                floored=floored)
+
+
+def root(M: torch.Tensor, damping: float = 0.0, name: str = "weight", kind: str = "cholesky") -> Root:
     """Root of a PSD weight (matrix or diagonal vector), float64.
 
     ``damping`` is always added (relative). If the Cholesky factorisation still fails, the
@@ -96,6 +134,10 @@ def root(M: torch.Tensor, damping: float = 0.0, name: str = "weight") -> Root:
     M = M.detach().to(torch.float64)
     if M.dim() == 1:
         return _diag_root(M, damping, name)
+    if kind not in ROOT_KINDS:
+        raise ValueError(f"root kind must be one of {ROOT_KINDS}, got {kind!r}")
+    if kind == "eigen":
+        return eigen_root(M, damping, name)
     M = symmetrize(M)
     d = M.shape[0]
     scale = float(torch.diagonal(M).sum()) / d

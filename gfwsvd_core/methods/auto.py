@@ -13,7 +13,7 @@ methods are chosen together under one global budget.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Mapping, Optional
 
 import torch
@@ -26,6 +26,8 @@ from .base import Method
 class Auto(Method):
     #: the methods to choose among; empty: every registered method whose statistics were collected
     candidates: tuple = ()
+    #: auto's curves are on one yardstick (the held-out quadratic): one global budget by default
+    allocation: str = field(default="budget", kw_only=True)
 
     name = "auto"
     label = "Auto (per layer)"
@@ -39,8 +41,13 @@ class Auto(Method):
     def __post_init__(self):
         from . import method_class
 
+        super().__post_init__()
+        if self.sequential:
+            raise ConfigurationError("auto cannot compress sequentially (its choice needs the two folds of one "
+                                     "statistics pass); use sequential=true with a single method")
+
         if isinstance(self.candidates, str):
-            self.candidates = tuple(c.strip() for c in self.candidates.split(",") if c.strip())
+            self.candidates = tuple(c.strip() for c in self.candidates.replace("+", ",").split(",") if c.strip())
         cands = tuple(method_class(c).name for c in self.candidates)
         if any(getattr(method_class(c), "composite", False) for c in cands):
             raise ConfigurationError("auto cannot choose among composite methods (auto itself)")
@@ -60,7 +67,13 @@ class Auto(Method):
                                          "including these methods")
             return self.candidates
         return tuple(n for n in available_methods() if not getattr(method_class(n), "composite", False)
-                     and not has_kinds(stats, method_class(n).requires))
+                     and method_class(n).auto_candidate and not has_kinds(stats, method_class(n).requires))
+
+    def candidate(self, name: str) -> Method:
+        """A candidate configured as auto is (the closed-form update passes on to every candidate)."""
+        from . import get_method
+
+        return get_method(name, update=self.update)
 
     def weights(self, stats):
         raise ConfigurationError("auto chooses among other methods' decompositions: use pipeline.decompositions, "
