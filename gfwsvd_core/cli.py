@@ -94,6 +94,9 @@ def _common(p: argparse.ArgumentParser, single_method: bool = True) -> None:
     g.add_argument("--batch-size", type=_positive, default=8)
     g.add_argument("--seed", type=_seed, default=0)
     g.add_argument("--device", type=_device, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="model dtype (default float32); statistics and factors are computed in float32/float64 "
+                        "and the compressed weights cast back to this dtype")
     f = p.add_argument_group("Fisher statistics")
     f.add_argument("--fisher", choices=["empirical", "mc"], default="empirical",
                    help="data labels (empirical) or targets sampled from the model (mc)")
@@ -234,7 +237,7 @@ def _options(a) -> dict:
         "label_column": a.label_column, "split": a.split,
         "samples": a.samples, "eval_samples": a.eval_samples, "max_length": a.max_length,
         "batch_size": a.batch_size, "seed": a.seed, "fisher": a.fisher, "sample_unit": a.sample_unit,
-        "layers": a.layers, "device": a.device,
+        "layers": a.layers, "device": a.device, "dtype": a.dtype,
     }
 
 

@@ -40,12 +40,14 @@ def exact_quadratic(stats: LayerStats, dec: LayerDecomposition, rank: Optional[i
 
 
 def fisher_alignment(stats: Optional[LayerStats], dec: LayerDecomposition, rank: Optional[int], W,
-                     exact: Optional[float] = None) -> Optional[dict]:
+                     exact: Optional[float] = None, angles: bool = False) -> Optional[dict]:
     """Our Fisher-aligned view of one layer (``fisher.violation.alignment_summary``), or None
     without per-sample gradients and K-FAC moments: ``rho_kfac`` always; with GFWSVD's factors the
     NKP fit error and the overlap of the top-``rank`` input eigenspaces (of ``A`` and ``E[x x^T]``);
     at a kept rank also the exact quadratic over K-FAC's best-scaled prediction. Costs one
-    Kronecker map per layer (``||F||`` is the one GFWSVD cached) and two eigendecompositions."""
+    Kronecker map per layer (``||F||`` is the one GFWSVD cached); ``angles`` adds the subspace
+    overlap, two float64 eigendecompositions per layer (about 25% of a GFWSVD solve on the default,
+    so reports leave it to the Fisher factors page and ``explore.fisher_alignment_table``)."""
     if (stats is None or stats.num_samples == 0 or not stats.has("samples") or stats.xx_sum is None
             or stats.dd_sum is None):
         return None
@@ -53,7 +55,7 @@ def fisher_alignment(stats: Optional[LayerStats], dec: LayerDecomposition, rank:
     from .ranks import rank_for_ratio
 
     kron = dec.info.get("kronecker")
-    factors = dec.factors if kron is not None else None
+    factors = dec.factors if kron is not None and angles else None
     m, n = dec.shape
     k = rank if rank is not None else rank_for_ratio(m, n, 0.5)
     dW = None if rank is None else W.double() - dec.decomposition.reconstruct(rank).to(W.device)

@@ -35,8 +35,12 @@ DEFAULTS = {
     "model": "default", "task": None, "calib": "default", "text_column": None, "label_column": None,
     "split": "train",
     "samples": 128, "eval_samples": 256, "max_length": 128, "batch_size": 8, "seed": 0,
-    "fisher": "empirical", "sample_unit": None, "layers": None, "device": None,
+    "fisher": "empirical", "sample_unit": None, "layers": None, "device": None, "dtype": "float32",
 }
+
+#: model dtypes ``prepare(dtype=)`` loads in; statistics and factors are float32/float64 whatever
+#: the model's dtype, and compressed weights are cast back to it
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -170,7 +174,8 @@ class Experiment:
         return {"calibration": self.calib.description, "evaluation": self.evaluation.description,
                 "fisher": self.settings["fisher"], "sample_unit": self.sample_unit,
                 "max_length": self.settings["max_length"], "batch_size": self.settings["batch_size"],
-                "seed": self.settings["seed"], "skipped_texts": self.calib.description.get("skipped_texts", 0),
+                "seed": self.settings["seed"], "dtype": self.settings.get("dtype", "float32"),
+                "skipped_texts": self.calib.description.get("skipped_texts", 0),
                 **({"task_setup": self.task_setup} if self.task_setup is not None else {})}
 
 
@@ -196,6 +201,8 @@ def prepare(bundle: Optional[ModelBundle] = None, **options) -> Experiment:
             raise ConfigurationError(f"{key} must be at least 1, got {s[key]}")
     if int(s["max_length"]) < 4:
         raise ConfigurationError("max_length must be at least 4 tokens")
+    if s["dtype"] not in DTYPES:
+        raise ConfigurationError(f"unknown dtype {s['dtype']!r}; valid: {', '.join(DTYPES)}")
     if s["fisher"] not in ("empirical", "mc"):
         raise ConfigurationError(f"unknown fisher {s['fisher']!r}; valid: empirical, mc")
     from .stats import SAMPLE_UNITS
@@ -206,7 +213,7 @@ def prepare(bundle: Optional[ModelBundle] = None, **options) -> Experiment:
     timings = {}
     t0 = time.perf_counter()
     if bundle is None:
-        bundle = load_model(s["model"], task=s["task"], device=s["device"])
+        bundle = load_model(s["model"], task=s["task"], device=s["device"], dtype=DTYPES[s["dtype"]])
     elif any(p.is_meta for p in bundle.model.parameters()):
         raise ConfigurationError("the model is on the meta device (no weights); load it with real weights first")
     timings["load_model"] = time.perf_counter() - t0

@@ -376,6 +376,34 @@ class CausalLMTask(Task):
         return {"loss": loss, "perplexity": math.exp(loss)}
 
 
+class PackedCausalLMTask(CausalLMTask):
+    """Causal LM on packed windows, as LLM compression papers calibrate and evaluate: the texts are
+    tokenised, joined by the EOS token into one stream and cut into full windows of ``max_length``
+    tokens (the last partial window is dropped), so no token is padding and every window is one
+    Fisher sample. ``--samples`` still counts texts; the windows they fill are what is used."""
+
+    name = "causal-lm-packed"
+    label = "Causal language modelling, packed windows"
+    description = "Next-token cross-entropy on full windows of the joined texts (no padding), as the papers use."
+    architectures = ()  # chosen explicitly; a bare decoder defaults to causal-lm
+
+    def make_batches(self, tokenizer, texts, labels=None, max_length=128, batch_size=8):
+        texts = _check_texts(texts)
+        sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+        stream: list[int] = []
+        for t in texts:
+            stream += tokenizer(t, add_special_tokens=False)["input_ids"]
+            if sep is not None:
+                stream.append(sep)
+        n = len(stream) // max_length
+        if n == 0:
+            raise DataError(f"the texts have {len(stream)} tokens together, fewer than one window of {max_length}; "
+                            "give more text or a smaller --max-length")
+        ids = torch.tensor(stream[: n * max_length]).view(n, max_length)
+        return [{"input_ids": ids[i], "attention_mask": torch.ones_like(ids[i]), "labels": ids[i].clone()}
+                for i in _chunks(n, batch_size)]
+
+
 # --------------------------------------------------------------------------- classification
 
 
@@ -587,7 +615,8 @@ class ProbeTask(ClassificationTask):
 
 # --------------------------------------------------------------------------- registry
 
-_REGISTRY: dict[str, type[Task]] = {cls.name: cls for cls in (RetrievalTask, CausalLMTask, ClassificationTask, ProbeTask)}
+_REGISTRY: dict[str, type[Task]] = {cls.name: cls for cls in (RetrievalTask, CausalLMTask, ClassificationTask, ProbeTask,
+                                                            PackedCausalLMTask)}
 TASKS = tuple(_REGISTRY)
 
 

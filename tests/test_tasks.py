@@ -34,13 +34,13 @@ KINDS = ["retrieval", "gpt2", "llama", "classification"]
 
 
 def test_registry():
-    assert TASKS == ("retrieval", "causal-lm", "classification", "probe")
+    assert TASKS == ("retrieval", "causal-lm", "classification", "probe", "causal-lm-packed")
     for name in TASKS:
         t = get_task(name)
         assert t.name == name and t.primary_metric in t.higher_is_better
     assert get_task("retrieval").default_sample_unit == "batch"
     assert get_task("causal-lm").default_sample_unit == "sequence"
-    with pytest.raises(ValueError, match="valid tasks: retrieval, causal-lm, classification, probe"):
+    with pytest.raises(ValueError, match="valid tasks: retrieval, causal-lm, classification, probe, causal-lm-packed"):
         get_task("nope")
 
 
