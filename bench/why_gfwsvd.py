@@ -7,7 +7,7 @@ GFWSVD's median eta, and at 0.5 kept per layer the summed exact empirical-Fisher
 the summed measured calibration-loss change of the layers compressed one at a time, and the
 held-out metrics of compressing all the subset's layers. One JSON line per configuration.
 
-    python bench/why_gfwsvd.py [--layers layer.1. layer.4.] [--quick]
+    python bench/why_gfwsvd.py [--layers layer.1. layer.4.] [--quick] [--only 2,3]
 """
 import argparse
 import json
@@ -27,8 +27,9 @@ if __name__ == "__main__":
     p.add_argument("--layers", nargs="+", default=["layer.1.", "layer.4."])
     p.add_argument("--eval-samples", type=int, default=128)
     p.add_argument("--quick", action="store_true", help="the first configuration of each task only")
+    p.add_argument("--only", type=lambda s: [int(x) for x in s.split(",")], help="indices into CONFIGS, e.g. 2,3")
     a = p.parse_args()
-    configs = [c for i, c in enumerate(CONFIGS) if not a.quick or i in (0, 3)]
+    configs = [c for i, c in enumerate(CONFIGS) if (not a.quick or i in (0, 3)) and (a.only is None or i in a.only)]
     for task, unit, n in configs:
         t0 = time.perf_counter()
         exp = pipeline.prepare(task=task, sample_unit=unit, samples=n, eval_samples=a.eval_samples, layers=a.layers)
