@@ -178,10 +178,9 @@ def sweep(
             after, before = kept_params(shapes, comp.ranks)
             values = task.example_values(comp.model, batches, reference)
             metrics = task.aggregate(values)
-            name = key
-            cell_values.setdefault(ratio, {})[name] = values
+            cell_values.setdefault(ratio, {})[key] = values
             rows.append({
-                "method": name, "ratio": ratio,
+                "method": key, "ratio": ratio,
                 "kept_layers": after / before, "kept_model": comp.kept_ratio(model)["model"],
                 "metrics": metrics, "decompose_seconds": t_dec,
                 "intervals": metric_intervals(task, values, base_values, resamples=INTERVAL_RESAMPLES),

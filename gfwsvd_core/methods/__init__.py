@@ -116,11 +116,16 @@ def method_key(method) -> str:
     else the name with the options that differ, e.g. ``gfwsvd[damping=0.5]``; reports never mix
     configurations, and :func:`get_method` reads a key back."""
     m = get_method(method)
-    default = type(m)().config()
-    changed = {k: v for k, v in m.config().items() if default.get(k) != v}
+    changed = _changed(m)
     if not changed:
         return m.name
     return m.name + "[" + ",".join(f"{k}={_text(v)}" for k, v in sorted(changed.items())) + "]"
+
+
+def _changed(m: Method) -> dict:
+    """The options of a configured method that differ from its class's defaults."""
+    default = type(m)().config()
+    return {k: v for k, v in m.config().items() if default.get(k) != v}
 
 
 def _text(v) -> str:
@@ -134,8 +139,7 @@ def _text(v) -> str:
 def method_label(method) -> str:
     """Display name of a configured method, e.g. "SVD + update", "GFWSVD (damping=0.5)"."""
     m = get_method(method)
-    default = type(m)().config()
-    changed = {k: v for k, v in m.config().items() if default.get(k) != v}
+    changed = _changed(m)
     words = []
     if changed.pop("update", False):
         words.append("update")
