@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -94,6 +95,8 @@ def _common(p: argparse.ArgumentParser, single_method: bool = True) -> None:
     g.add_argument("--batch-size", type=_positive, default=8)
     g.add_argument("--seed", type=_seed, default=0)
     g.add_argument("--device", type=_device, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    g.add_argument("--max-memory", type=_memory, help="memory budget, e.g. 8GiB or 500MB: planned before any work "
+                   "(see 'gfwsvd plan'); layers are then collected in groups and decompositions kept lean as needed")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="model dtype (default float32); statistics and factors are computed in float32/float64 "
                         "and the compressed weights cast back to this dtype")
@@ -141,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--measure", action="store_true", help="measure each layer's loss increase alone (one evaluation per layer)")
     e.add_argument("--compressed", type=Path, help="evaluate this exported folder instead of compressing (against --model)")
     e.add_argument("--out", type=Path, help="also export the compressed model here")
+    h = e.add_argument_group("lm-evaluation-harness (pip install \"gfwsvd[lm-eval]\")")
+    h.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-eval tasks (installed, or local YAML under "
+                   "--lm-eval-include) run on the dense and the compressed causal LM; results under 'lm_eval' in the report")
+    h.add_argument("--lm-eval-include", metavar="DIR", type=Path, help="a folder of local YAML task configs")
+    h.add_argument("--lm-eval-limit", metavar="N", type=_positive, help="at most N examples per task")
     s = sub.add_parser("sweep", help="metrics over kept ratios for several methods (rank/accuracy curves)")
     _common(s, single_method=False)
     s.add_argument("--out", type=Path, help="folder for the sweep report (sweep.json)")
@@ -148,7 +156,63 @@ def build_parser() -> argparse.ArgumentParser:
     _common(y, single_method=False)
     y.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; each re-draws calibration and held-out texts")
     y.add_argument("--out", type=Path, required=True, help="folder for study.json and study.md")
+    _plan_parser(sub)
     return p
+
+
+def _memory(text: str) -> int:
+    from .plan import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except GfwsvdUserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _plan_parser(sub) -> None:
+    q = sub.add_parser("plan", help="predict peak memory and time per stage, and the storage and passes that fit a budget")
+    q.add_argument("--model", default="default", help="an HF id or a local folder (only its config is read)")
+    q.add_argument("--task", help="default: from the model config")
+    q.add_argument("--samples", type=_positive, default=128, help="calibration sequences (default 128)")
+    q.add_argument("--max-length", type=_positive, default=128, help="tokens per sequence (default 128)")
+    q.add_argument("--batch-size", type=_positive, default=8)
+    q.add_argument("--device", default="cpu", help="cpu or cuda: where statistics and factors are computed")
+    q.add_argument("--max-memory", type=_memory, help="memory budget, e.g. 8GiB or 500MB")
+    q.add_argument("--methods", default="gfwsvd", help="comma-separated methods (default gfwsvd)")
+    q.add_argument("--sample-unit", choices=["token", "sequence", "batch"], help="default: the task's")
+    q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    q.add_argument("--ratio", type=_ratio, default=0.5, help="kept ratio, for the compressed model's size")
+    q.add_argument("--report", type=Path, help="write the plan as JSON here")
+
+
+def cmd_plan(a) -> int:
+    """Print the memory/time plan (and write it as JSON); a budget that cannot be met is an error."""
+    import torch
+
+    from . import pipeline
+    from .plan import make_plan
+
+    methods = split_methods(a.methods)
+    if not methods:
+        raise UserError("--methods names no method; give e.g. gfwsvd or svd,kfac")
+    p = make_plan(a.model, a.samples, a.max_length, a.device, a.max_memory, methods, a.sample_unit,
+                  getattr(torch, a.dtype), a.batch_size, task=a.task, ratio=a.ratio)
+    print(p.table())
+    if a.report:
+        pipeline.write_json(p.as_dict(), a.report)
+    p.check()
+    return 0
+
+
+def _budget(exp, a, methods, extra_kinds=()) -> Optional[int]:
+    """With --max-memory: plan on the loaded experiment, fail early when it cannot fit, keep its
+    decompositions lean when the plan says so; returns collect()'s ``max_memory`` (None: one pass)."""
+    if getattr(a, "max_memory", None) is None:
+        return None
+    from .plan import plan_experiment
+
+    p = plan_experiment(exp, a.max_memory, methods, extra_kinds)
+    return p.collect_max_memory
 
 
 def _progress(quiet: bool):
@@ -280,16 +344,17 @@ def cmd_compress(a) -> int:
     if ranks:
         _check_ranks_layers(exp, ranks)
     prog = _progress(a.quiet)
-    pipeline.collect(exp, methods=[a.method], progress=prog)
+    pipeline.collect(exp, methods=[a.method], progress=prog, max_memory=_budget(exp, a, [a.method]))
     comp, rep = pipeline.run_compression(exp, a.method, ratio=None if ranks else (a.ratio or 0.5), ranks=ranks,
                                          progress=prog)
-    save_compressed(comp.model, a.out, tokenizer=exp.bundle.tokenizer, method=comp.method,
-                    source_model=str(a.model), calibration=exp.data_record(), overwrite=a.overwrite)
-    if a.dense:
-        export_dense(comp.model, Path(str(a.out) + "-dense"), tokenizer=exp.bundle.tokenizer, overwrite=a.overwrite)
     rep["export"] = str(a.out)
-    if a.report:
-        pipeline.write_json(rep, a.report)
+    if _lead():
+        save_compressed(comp.model, a.out, tokenizer=exp.bundle.tokenizer, method=comp.method,
+                        source_model=str(a.model), calibration=exp.data_record(), overwrite=a.overwrite)
+        if a.dense:
+            export_dense(comp.model, Path(str(a.out) + "-dense"), tokenizer=exp.bundle.tokenizer, overwrite=a.overwrite)
+        if a.report:
+            pipeline.write_json(rep, a.report)
     _print_metrics(rep)
     print(f"saved to {a.out}; load with: from gfwsvd_core.io import load_compressed; model = load_compressed({str(a.out)!r})")
     return 0
@@ -301,10 +366,12 @@ def cmd_evaluate(a) -> int:
     from .io import load_compressed, save_compressed
     from .methods import get_method
 
+    tasks = _lm_eval_tasks(a)  # flags, harness, task names and task data checked before any long work
     if a.compressed:
         model = load_compressed(a.compressed)  # a tampered folder fails here, before any long work
         exp = pipeline.prepare(**_options(a))
         _check_same_model(exp.model, model, a)
+        _lm_eval_model(tasks, exp.model)
         model.to(exp.model.device)
         base, metrics = evaluate_pair(exp.task, exp.model, model, exp.eval_batches, exp.reference())
         rep = {"compressed": str(a.compressed), "model": a.model, **_export_summary(a.compressed, exp.model, model),
@@ -315,12 +382,14 @@ def cmd_evaluate(a) -> int:
         a.method = _method_spec(a)
         ranks = _load_ranks(a.ranks) if a.ranks else None
         exp = pipeline.prepare(**_options(a))
+        _lm_eval_model(tasks, exp.model)
         if ranks:
             _check_ranks_layers(exp, ranks)
         prog = _progress(a.quiet)
         # the exact empirical-Fisher quadratic needs per-sample gradients whatever the method:
         # GFWSVD's statistics ("samples" + "kfac") include them
-        pipeline.collect(exp, methods=[a.method], extra_kinds=("samples",), progress=prog)
+        pipeline.collect(exp, methods=[a.method], extra_kinds=("samples",), progress=prog,
+                         max_memory=_budget(exp, a, [a.method], ("samples",)))
         comp, rep = pipeline.run_compression(exp, a.method, ratio=None if ranks else (a.ratio or 0.5), ranks=ranks,
                                              measure=a.measure, progress=prog)
         _print_metrics(rep)
@@ -330,12 +399,52 @@ def cmd_evaluate(a) -> int:
             if a.measure:
                 line += f" {_fmt(r.get('measured_increase'))}"
             print(line)
-        if a.out:
+        if a.out and _lead():
             save_compressed(comp.model, a.out, tokenizer=exp.bundle.tokenizer, method=comp.method,
                             source_model=str(a.model), calibration=exp.data_record(), overwrite=a.overwrite)
-    if a.report:
+        model = comp.model
+    if tasks is not None and _lead():  # under torchrun rank 0 runs the harness (it does not split it)
+        rep["lm_eval"] = _lm_eval_compare(a, tasks, exp, model)
+    if a.report and _lead():
         pipeline.write_json(rep, a.report)
     return 0
+
+
+def _lm_eval_tasks(a):
+    """``(task names, TaskManager)`` for --lm-eval, or None; a missing harness, include folder,
+    task or task dataset is a user error here, before the model is loaded."""
+    if a.lm_eval is None:
+        if a.lm_eval_include is not None or a.lm_eval_limit is not None:
+            raise UserError("--lm-eval-include and --lm-eval-limit need --lm-eval TASKS")
+        return None
+    from . import harness
+
+    names = harness.parse_tasks(a.lm_eval)
+    manager = harness.task_manager(a.lm_eval_include, names)
+    harness.resolve_tasks(manager, names)
+    harness.check_task_data(manager, names)
+    return names, manager
+
+
+def _lm_eval_model(tasks, model) -> None:
+    """lm-eval scores text with a causal LM: check the loaded model before the statistics pass."""
+    if tasks is not None:
+        from .harness import check_causal_lm
+
+        check_causal_lm(model)
+
+
+def _lm_eval_compare(a, tasks, exp, compressed) -> dict:
+    """The --lm-eval tasks on the dense model, then on the compressed one; prints a table."""
+    from .harness import comparison_table, run_lm_eval
+
+    names, manager = tasks
+    common = dict(tasks=names, include_path=a.lm_eval_include, limit=a.lm_eval_limit, batch_size=a.batch_size,
+                  quiet=a.quiet, manager=manager)
+    out = {"dense": run_lm_eval(exp.model, exp.bundle.tokenizer, **common),
+           "compressed": run_lm_eval(compressed, exp.bundle.tokenizer, **common)}
+    print(comparison_table(out["dense"], out["compressed"]))
+    return out
 
 
 def _check_same_model(original, compressed, a) -> None:
@@ -407,7 +516,7 @@ def cmd_sweep(a) -> int:
         get_method(m)  # validate before the long work
     exp = pipeline.prepare(**_options(a))
     prog = _progress(a.quiet)
-    pipeline.collect(exp, methods=methods, progress=prog)
+    pipeline.collect(exp, methods=methods, progress=prog, max_memory=_budget(exp, a, methods))
     rep = pipeline.run_sweep(exp, methods, a.ratios, progress=prog)
     _print_warnings(rep)
     keys = list(rep["rows"][0]["metrics"])
@@ -416,9 +525,9 @@ def cmd_sweep(a) -> int:
     for row in rep["rows"]:
         print(f"{row['method']:<{width}} {row['ratio']:>6.2f} {row['kept_layers']:>6.3f} "
               + " ".join(f"{row['metrics'][k]:>10.4f}" for k in keys))
-    if a.out:
+    if a.out and _lead():
         pipeline.write_json(rep, Path(a.out) / "sweep.json")
-    if a.report:
+    if a.report and _lead():
         pipeline.write_json(rep, a.report)
     return 0
 
@@ -440,24 +549,49 @@ def cmd_study(a) -> int:
     options = {k: v for k, v in _options(a).items() if k != "seed"}
     study = run_study(methods, a.ratios, seeds, options, progress=None if a.quiet else (lambda m: print(m, file=sys.stderr)))
     out = Path(a.out)
-    pipeline.write_json(study, out / "study.json")
     hib = getattr(get_task(study["runs"][0]["task"]), "higher_is_better", {})
     text = markdown(study, hib)
-    (out / "study.md").write_text(text)
+    if _lead():
+        pipeline.write_json(study, out / "study.json")
+        (out / "study.md").write_text(text)
     print(text)
     return 0
+
+
+def _lead() -> bool:
+    """Whether this process writes and prints: always, except the ranks > 0 of a torchrun job."""
+    from . import distributed
+
+    shard = distributed.current()
+    return shard is None or shard.is_main
+
+
+def _join_job(a) -> None:
+    """Under torchrun: join the job (gloo, or NCCL on CUDA), take this rank's device, and keep
+    ranks > 0 quiet (rank 0 prints, writes the report and exports)."""
+    from . import distributed
+
+    if not distributed.launched() or not hasattr(a, "device"):
+        return
+    shard = distributed.init(a.device)
+    a.device = distributed.local_device(a.device)
+    if not shard.is_main:
+        a.quiet = True
+        sys.stdout = open(os.devnull, "w")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
+    from . import distributed
     from .stats import Cancelled
 
     _silence_transformers()
     try:
         _check_outputs(a)
+        _join_job(a)
         return {"compress": cmd_compress, "evaluate": cmd_evaluate, "sweep": cmd_sweep,
-                "study": cmd_study}[a.command](a)
+                "study": cmd_study, "plan": cmd_plan}[a.command](a)
     except GfwsvdUserError as exc:
         msg = " ".join(str(exc).split()) or type(exc).__name__
         print(f"error: {msg}", file=sys.stderr)
@@ -465,6 +599,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (KeyboardInterrupt, Cancelled):
         print("error: cancelled", file=sys.stderr)
         return 130
+    finally:
+        distributed.close()
 
 
 if __name__ == "__main__":

@@ -71,8 +71,13 @@ def decompose_layers(
     layers: Optional[list[str]] = None,
     progress: Any = None,
     cancel: Any = None,
+    lean: bool = False,
 ) -> dict[str, LayerDecomposition]:
-    """Weighted decomposition of each layer (all layers with statistics unless ``layers``)."""
+    """Weighted decomposition of each layer (all layers with statistics unless ``layers``).
+
+    ``lean``: drop each layer's weights (e.g. GFWSVD's float64 Kronecker factors, m^2 + n^2) as
+    soon as its SVD is taken, keeping only what truncation needs (see :func:`drop_weights`); for
+    models whose caches would not fit the memory budget (``gfwsvd_core.plan``)."""
     method = get_method(method) if not isinstance(method, Method) else method
     names = list(stats) if layers is None else list(layers)
     missing = [n for n in names if n not in stats]
@@ -80,33 +85,83 @@ def decompose_layers(
         raise ValueError(f"no statistics for layer(s) {', '.join(missing[:5])}; collect them first")
     if not names:
         raise ValueError("no layers to decompose: the statistics are empty")
+    shard = stats[names[0]].shard
+    if shard is not None and getattr(method, "composite", False):
+        raise ValueError(f"{method.label} is not supported under torchrun yet; run it in one process")
+    # under torchrun layer i is solved by rank i % world; weights that read the per-sample
+    # gradients (spread over the ranks) are computed by all ranks together, in layer order
+    collective = shard is not None and "samples" in method.kinds()
+    solved: dict[str, tuple] = {}
     out = {}
     for i, name in enumerate(names):
         if cancel is not None and cancel.is_set():
             raise Cancelled("decomposition cancelled")
+        mine = shard is None or shard.owner(i) == shard.rank
+        if not (mine or collective):
+            continue
         t0 = time.perf_counter()
-        module = model.get_submodule(name)
         w = method.weights(stats[name])
-        dec = decompose(get_weight(module), w.left, w.right, damping=w.damping, root_kind=w.root)
-        info = {k: v for k, v in w.info.items() if k != "factors"}
-        for side, rt in (("left", dec.left), ("right", dec.right)):
-            if rt is not None:
-                info[f"{side}_damping"] = rt.damping
-                info[f"{side}_fell_back"] = rt.fell_back
-        info["zero_weight"] = dec.zero_weight
-        info["warnings"] = list(w.info.get("warnings", [])) + _method_warnings(info) + dec.warnings
-        w.info = info
-        if method.update:
-            out[name] = updated_layer(LayerDecomposition(name, weight_shape(module), method.name, dec, info, 0.0, w),
-                                      get_weight(module), stats[name])
-            out[name].seconds = time.perf_counter() - t0
-        else:
-            curve = exact_quadratic_curve(stats[name], dec, get_weight(module))
-            out[name] = LayerDecomposition(name, weight_shape(module), method.name, dec, info,
-                                           time.perf_counter() - t0, w, curve)
+        if shard is None:
+            out[name] = _finished(model, stats[name], method, *_solve(model.get_submodule(name), w), t0)
+            if lean:
+                drop_weights(out[name])
+            del w  # lean: nothing else holds this layer's factors now
+            if progress:
+                progress(i + 1, len(names), f"{method.label}: {name}")
+        elif mine:
+            solved[name] = (*_solve(model.get_submodule(name), w), time.perf_counter() - t0)
+    if shard is None:
+        return out
+    device = get_weight(model.get_submodule(names[0])).device
+    for part in shard.gather_objects(solved, device=device):
+        solved.update(part)
+    for i, name in enumerate(names):  # the yardstick curves read every rank's samples: all ranks, in order
+        dec, w, seconds = solved[name]
+        out[name] = _finished(model, stats[name], method, dec, w, time.perf_counter() - seconds)
+        if lean:
+            drop_weights(out[name])
         if progress:
             progress(i + 1, len(names), f"{method.label}: {name}")
     return out
+
+
+def drop_weights(dec: LayerDecomposition) -> LayerDecomposition:
+    """Forget the weights behind a decomposition, in place: truncation, curves and diagnostics stay;
+    ``dec.weights`` / ``dec.factors`` become None and the roots' ``L`` can no longer be rebuilt."""
+    dec.weights = None
+    for rt in (dec.decomposition.left, dec.decomposition.right):
+        if rt is not None and hasattr(rt, "_weight"):
+            rt._weight = None
+    return dec
+
+
+def _finished(model: nn.Module, stats: LayerStats, method: Method, dec: WeightedDecomposition, w: Weights,
+              t0: float) -> LayerDecomposition:
+    """A solved layer with its exact quadratic curve (after the closed-form update if asked for)."""
+    module = model.get_submodule(stats.name)
+    W = get_weight(module)
+    if method.update:
+        out = updated_layer(LayerDecomposition(stats.name, weight_shape(module), method.name, dec, w.info, 0.0, w),
+                            W, stats)
+        out.seconds = time.perf_counter() - t0
+        return out
+    curve = exact_quadratic_curve(stats, dec, W)
+    return LayerDecomposition(stats.name, weight_shape(module), method.name, dec, w.info, time.perf_counter() - t0,
+                              w, curve)
+
+
+def _solve(module: nn.Module, w: Weights) -> tuple[WeightedDecomposition, Weights]:
+    """The weighted decomposition of one layer from its weights, with the diagnostics in ``w.info``."""
+    dec = decompose(get_weight(module), w.left, w.right, damping=w.damping, root_kind=w.root)
+    info = {k: v for k, v in w.info.items() if k != "factors"}
+    for side, rt in (("left", dec.left), ("right", dec.right)):
+        if rt is not None:
+            info[f"{side}_damping"] = rt.damping
+            info[f"{side}_fell_back"] = rt.fell_back
+    info["zero_weight"] = dec.zero_weight
+    info["warnings"] = list(w.info.get("warnings", [])) + _method_warnings(info) + dec.warnings
+    w.info = info
+    return dec, w
 
 
 def updated_layer(dec: LayerDecomposition, W: torch.Tensor, stats: LayerStats) -> LayerDecomposition:

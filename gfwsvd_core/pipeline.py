@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from . import distributed
 from .compress import (Compression, LayerDecomposition, build_compressed, compress, decompose_layers, resolve_ranks,
                        updated_layer)
 from .factorized import LowRankLinear, replace_layer
@@ -68,6 +69,9 @@ class Experiment:
     fold_stats: Optional[tuple[dict, dict]] = None
     #: ``{method_key: {layer: decomposition}}`` fitted on the first fold only (auto's candidates)
     fold_decompositions: dict[str, dict[str, LayerDecomposition]] = field(default_factory=dict)
+    #: decompose with ``lean=True`` (weights dropped per layer): set from a memory plan that says the
+    #: caches do not fit (``gfwsvd_core.plan``)
+    lean: bool = False
     _reference: Any = None
     _baseline: Optional[dict] = None
     _time_estimate: Optional[dict] = None
@@ -298,6 +302,9 @@ def collect(exp: Experiment, methods: Sequence[Any] = ("svd", "fwsvd", "kfac", "
     if folds is None:
         folds = any(getattr(get_method(m), "composite", False) for m in methods)
     kinds = tuple(dict.fromkeys(required_kinds(methods) + tuple(extra_kinds) + (("samples",) if folds else ())))
+    if folds and distributed.current() is not None:
+        raise ConfigurationError("auto chooses on held-out folds, which torchrun does not split yet; run it in one "
+                                 "process")
     if folds and len(exp.calib_batches) < 2:
         raise DataError("choosing on a held-out fold needs at least 2 calibration batches; give more calibration "
                         "texts or a smaller batch size")
@@ -306,9 +313,8 @@ def collect(exp: Experiment, methods: Sequence[Any] = ("svd", "fwsvd", "kfac", "
         return exp.task.fisher_loss(model, batch, fisher=fisher, generator=gen)
 
     def run(batches, report=None):
-        return collect_statistics(exp.model, batches, loss_fn, layers=exp.layers, kinds=kinds,
-                                  sample_unit=exp.sample_unit, max_memory=max_memory, progress=report,
-                                  cancel=cancel)
+        return job_statistics(exp.model, batches, loss_fn, layers=exp.layers, kinds=kinds,
+                              sample_unit=exp.sample_unit, max_memory=max_memory, progress=report, cancel=cancel)
 
     with measure(exp.model.device) as rec:
         if not folds:
@@ -334,6 +340,18 @@ def collect(exp: Experiment, methods: Sequence[Any] = ("svd", "fwsvd", "kfac", "
     exp.fold_decompositions.clear()
     _record(exp, "statistics", rec)
     return exp.stats
+
+
+def job_statistics(model, batches, loss_fn, **options) -> dict[str, LayerStats]:
+    """:func:`~gfwsvd_core.stats.collect_statistics`, or under torchrun this rank's slice of the
+    batches with the moments all-reduced (see :mod:`gfwsvd_core.distributed`)."""
+    shard = distributed.current()
+    if shard is None:
+        return collect_statistics(model, batches, loss_fn, **options)
+    if not shard.is_main:
+        options["progress"] = None
+    local = collect_statistics(model, distributed.shard_batches(batches, shard), loss_fn, **options)
+    return distributed.reduce_statistics(local, shard)
 
 
 def _share_samples(fold: LayerStats, merged: LayerStats, start: int, stop: int) -> None:
@@ -380,7 +398,7 @@ def decompositions(exp: Experiment, method: Any, progress: Any = None, cancel: A
     key = method_key(m)
     if key not in exp.decompositions:
         with measure(exp.model.device) as rec:
-            decs = decompose_layers(exp.model, exp.stats, m, progress=progress, cancel=cancel)
+            decs = decompose_layers(exp.model, exp.stats, m, progress=progress, cancel=cancel, lean=exp.lean)
         exp.decompositions[key] = decs
         _record(exp, f"decompose:{key}", rec, run)
     elif run is not None:
@@ -468,10 +486,10 @@ def sequential_compression(exp: Experiment, method: Any, ranks: Mapping[str, Opt
             progress(i, len(blocks), f"sequential: block {i + 1} of {len(blocks)}")
         gen = torch.Generator().manual_seed(int(exp.settings["seed"]))
         wanted = set(block)
-        stats = collect_statistics(current, exp.calib_batches,
-                                   lambda model, batch: exp.task.fisher_loss(model, batch, fisher=fisher, generator=gen),
-                                   layers=lambda name, mod: name in wanted, kinds=kinds, sample_unit=exp.sample_unit,
-                                   cancel=cancel)
+        stats = job_statistics(current, exp.calib_batches,
+                               lambda model, batch: exp.task.fisher_loss(model, batch, fisher=fisher, generator=gen),
+                               layers=lambda name, mod: name in wanted, kinds=kinds, sample_unit=exp.sample_unit,
+                               cancel=cancel)
         d = decompose_layers(current, stats, m, layers=block, cancel=cancel)
         for name in block:
             r = ranks.get(name)

@@ -98,6 +98,9 @@ class LayerStats:
     abs_x_sum: Optional[torch.Tensor] = None  # (n,) sum_t |x|           (float64)
     info: dict = field(default_factory=dict)  # storage mode and caches of derived results
     extra: dict = field(default_factory=dict)  # values of registered kinds without a field above
+    #: under torchrun: the job whose other ranks hold the rest of the per-sample gradients (counts
+    #: and moment sums are already the job's); None when every sample is here
+    shard: Optional[Any] = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -196,6 +199,8 @@ class LayerStats:
             for G in self.per_sample_gradients(budget_bytes=budget_bytes):
                 inner = (G * dW.to(G.device, G.dtype)).sum(dim=(1, 2))
                 total += float((inner.double() ** 2).sum())
+        if self.shard is not None:
+            total = self.shard.sum(total)
         return 0.5 * total / self.num_samples
 
     def has(self, kind: str) -> bool:

@@ -56,6 +56,8 @@ def per_sample_quadratics(stats: LayerStats, decomposition: WeightedDecompositio
                 parts.append((full, coef))
     full = torch.cat([f for f, _ in parts]).double()  # (K,)
     coef = torch.cat([c for _, c in parts]).double()  # (K, R)
+    if stats.shard is not None:  # every rank's samples, in rank (= one-process) order
+        full, coef = stats.shard.cat(full), stats.shard.cat(coef)
     inner = full[:, None] - torch.cat([coef.new_zeros(coef.shape[0], 1), coef.cumsum(1)], 1)  # (K, R+1)
     return 0.5 * inner ** 2
 

@@ -130,6 +130,16 @@ st.caption(
     "Fewer texts, shorter texts or a layer filter make it faster."
 )
 
+try:  # the memory/time plan of the statistics and factors below (gfwsvd_core.plan; numerics there)
+    from gfwsvd_core.plan import plan_experiment
+
+    _plan = plan_experiment(exp, None, METHODS, ("inputs",))
+    with st.expander(f"Plan: peak {_plan.peak_host / 2**30:.2f} GiB host, {len(_plan.groups)} pass(es)"):
+        st.table(_plan.stage_rows())
+        st.caption(" ".join(_plan.notes))
+except Exception as exc:  # a plan must never block collecting
+    st.caption(f"No memory plan for this model ({exc}).")
+
 if st.button("Collect statistics", type="primary", disabled=busy()):
     def collect(progress, cancel):
         new = exp.fork()  # the page keeps showing ``exp`` until the job's result is swapped in

@@ -97,7 +97,7 @@ class _Samples:
     are symmetric, and the m x m one is computed by its upper block triangle only.
     """
 
-    def __init__(self, G=None, X=None, D=None, device=None, dtype=None):
+    def __init__(self, G=None, X=None, D=None, device=None, dtype=None, shard=None, total=None):
         # default: float64 samples stay float64 (tests, small layers); everything else float32
         src = G if G is not None else X
         if dtype is None:
@@ -123,6 +123,16 @@ class _Samples:
             self.dtype = self.X.dtype
             self.device = self.X.device
         self.norm_estimated = False
+        # under torchrun the other ranks hold the rest of the samples: every map and sum over
+        # samples is this rank's part, all-reduced, over the job's K (``total``)
+        self.shard = shard
+        self.total = self.K if total is None else int(total)
+
+    def _mean(self, acc: torch.Tensor) -> torch.Tensor:
+        """``acc`` (a sum over this rank's samples) as the mean over all the job's samples."""
+        if self.shard is not None:
+            acc = self.shard.sum(acc)
+        return acc / self.total
 
     @property
     def storage(self) -> str:
@@ -143,7 +153,7 @@ class _Samples:
                 S = torch.bmm(X @ A, X.transpose(1, 2))  # (c, T, T) = X_k A X_k^T
                 SD = torch.bmm(S, D)  # (c, T, m)
                 add_sym_product(acc, D.reshape(-1, self.m).T, SD.reshape(-1, self.m).T)  # sum_k D_k^T S_k D_k
-        return acc / self.K
+        return self._mean(acc)
 
     def in_map(self, B: torch.Tensor) -> torch.Tensor:
         """``E_k[G_k^T B G_k]`` (n x n) for a symmetric m x m ``B``.
@@ -161,7 +171,7 @@ class _Samples:
                 c = Gm.shape[1]
                 BG = (B @ Gm.reshape(self.m, c * self.n)).reshape(self.m * c, self.n)  # rows (i, k): (B G_k)[i]
                 acc += Gm.reshape(self.m * c, self.n).T @ BG  # sum_k G_k^T (B G_k)
-            return acc / self.K
+            return self._mean(acc)
         L = half_tril(B)
         for X, D in zip(self.X.split(self.chunk), self.D.split(self.chunk)):
             X, D = X.to(B.dtype), D.to(B.dtype)
@@ -170,10 +180,12 @@ class _Samples:
             S = torch.bmm(DL, D.transpose(1, 2))  # (c, T, T) = D_k L D_k^T (its symmetric part is half of D_k B D_k^T)
             SX = torch.bmm(S, X)  # (c, T, n)
             acc += X.reshape(-1, self.n).T @ SX.reshape(-1, self.n)  # sum_k X_k^T S_k X_k
-        return (acc + acc.T) / self.K
+        return self._mean(acc + acc.T)
 
     def fisher_norm_sq(self) -> float:
         """``||F||_F^2 = 1/K^2 sum_{k,l} <G_k, G_l>^2`` from the Gram of the samples."""
+        if self.shard is not None:
+            return self._norm_sharded()
         if not self.materialized:
             cost_factored = self.K * self.K * self.T * self.T * (self.m + self.n)
             cost_materialized = self.K * self.T * self.m * self.n + self.K * self.K * self.m * self.n
@@ -224,6 +236,55 @@ class _Samples:
         return total / (K * L)
 
 
+    def _norm_sharded(self) -> float:
+        """``||F||^2`` when the samples are spread over ranks: every rank's samples (or, beyond
+        ``MAX_PARTNERS`` in all, a random subset in proportion to each rank's count) are sent to
+        all in turn and paired with the local ones, chunk by chunk; the sums are all-reduced."""
+        sh, K = self.shard, self.total
+        idx = torch.arange(self.K)
+        if K > MAX_PARTNERS:
+            take = max(1, round(MAX_PARTNERS * self.K / K))
+            idx = torch.randperm(self.K, generator=torch.Generator().manual_seed(sh.rank))[:take]
+            self.norm_estimated = True
+        L = int(round(sh.sum(float(len(idx)))))
+        if self.materialized:
+            mine = (torch.cat([self._g(i) for i in range(0, self.K, self.chunk)])[idx].cpu(),)
+        else:
+            mine = (self.X[idx.to(self.X.device)].cpu(), self.D[idx.to(self.D.device)].cpu())
+        total = 0.0
+        for src in range(sh.world):
+            part = sh.broadcast(mine if sh.rank == src else None, src=src)
+            part = tuple(t.to(self.device) for t in part)
+            total += self._pair_sq(part)
+        return sh.sum(total) / (K * L)
+
+    def _pair_sq(self, part: tuple) -> float:
+        """``sum_{k local, l in part} <G_k, G_l>^2`` (part: ``(G,)`` or ``(X, D)`` partner samples)."""
+        total = 0.0
+        if not self.materialized and len(part) == 2:
+            Xl, Dl = (t.double() for t in part)
+            Lp, Tp = Xl.shape[:2]
+            Xl, Dl = Xl.reshape(-1, self.n), Dl.reshape(-1, self.m)
+            rows = max(1, CHUNK_BYTES // (8 * self.T * Tp * Lp))
+            for i in range(0, self.K, rows):
+                Xi = self.X[i:i + rows].double()
+                c = Xi.shape[0]
+                Di = self.D[i:i + rows].double().reshape(-1, self.m)
+                P = (Di @ Dl.T) * (Xi.reshape(-1, self.n) @ Xl.T)  # (c*T, Lp*Tp)
+                total += float((P.reshape(c, self.T, Lp, Tp).sum(dim=(1, 3)) ** 2).sum())
+            return total
+        if len(part) == 2:
+            Gp = torch.bmm(part[1].transpose(1, 2), part[0])
+        else:
+            Gp = part[0]
+        for j in range(0, Gp.shape[0], self.chunk):
+            Gj = Gp[j:j + self.chunk].reshape(-1, self.m * self.n).double()
+            for i in range(0, self.K, self.chunk):
+                Gi = self._g(i).reshape(-1, self.m * self.n).double()
+                total += float(((Gi @ Gj.T) ** 2).sum())
+        return total
+
+
 def _as_samples(source, device=None, dtype=None) -> tuple[_Samples, Optional[LayerStats]]:
     stats = None
     if isinstance(source, LayerStats):
@@ -232,9 +293,10 @@ def _as_samples(source, device=None, dtype=None) -> tuple[_Samples, Optional[Lay
             raise ValueError(f"layer {source.name}: per-sample gradients were not collected (add 'samples' to kinds)")
         if source.num_samples == 0:
             raise ValueError(f"layer {source.name}: empty statistics (no calibration samples)")
+        job = {"shard": source.shard, "total": source.num_samples} if source.shard is not None else {}
         if source.G is not None:
-            return _Samples(G=source.G, device=device, dtype=dtype), stats
-        return _Samples(X=source.X, D=source.D, device=device, dtype=dtype), stats
+            return _Samples(G=source.G, device=device, dtype=dtype, **job), stats
+        return _Samples(X=source.X, D=source.D, device=device, dtype=dtype, **job), stats
     if isinstance(source, torch.Tensor):
         if source.dim() != 3:
             raise ValueError(f"per-sample gradients must have shape (K, m, n), got {tuple(source.shape)}")
@@ -380,7 +442,9 @@ def _basis_budget(S: _Samples) -> int:
         except (ValueError, OSError, AttributeError):
             free = None
     want = max(512 * 2**20, KRYLOV_BASIS_STEPS * per_pair)
-    return int(min(want, free // 4)) if free else want
+    budget = int(min(want, free // 4)) if free else want
+    # ranks must restart the Krylov iteration at the same step, or their collective maps diverge
+    return budget if S.shard is None else int(S.shard.min(budget))
 
 
 #: Krylov steps the bases should hold before a restart (the default's layers need 6-11)

@@ -48,7 +48,7 @@ def _kfac_inner(stats: LayerStats, A0: torch.Tensor, B0: torch.Tensor, dtype: to
                 Sx = torch.bmm(X @ A, X.transpose(1, 2))  # (c, T, T) X_k A0 X_k^T
                 Sd = torch.bmm(D @ B, D.transpose(1, 2))  # (c, T, T) D_k B0 D_k^T
                 total += float((Sx * Sd).sum(dtype=torch.float64))
-            return total / stats.num_samples
+            return _job_sum(stats, total) / stats.num_samples
     else:
         dev = stats.G.device
         A, B = A0.to(dev, dtype), B0.to(dev, dtype)
@@ -57,7 +57,12 @@ def _kfac_inner(stats: LayerStats, A0: torch.Tensor, B0: torch.Tensor, dtype: to
     for G in stats.per_sample_gradients(chunk=c):
         G = G.to(dtype)
         total += float(((B @ G) * (G @ A)).sum(dtype=torch.float64))
-    return total / stats.num_samples
+    return _job_sum(stats, total) / stats.num_samples
+
+
+def _job_sum(stats: LayerStats, total: float) -> float:
+    """The sum over every rank's samples under torchrun (this process's otherwise)."""
+    return total if stats.shard is None else stats.shard.sum(total)
 
 
 def fisher_norm(stats: LayerStats) -> tuple[float, bool]:

@@ -1,0 +1,191 @@
+"""The memory plan: its byte counts against what collection keeps, its groups against the budget,
+its errors, the ``gfwsvd plan`` CLI, and a small-budget run whose measured peak stays under it."""
+
+import gc
+import io
+import json
+from contextlib import redirect_stderr, redirect_stdout
+
+import pytest
+import torch
+
+import tiny_models
+from gfwsvd_core.cli import main
+from gfwsvd_core.errors import ConfigurationError
+from gfwsvd_core.meter import measure
+from gfwsvd_core.pipeline import required_kinds
+from gfwsvd_core.plan import make_plan, parse_bytes
+from gfwsvd_core.stats import collect_statistics, plan_groups
+from gfwsvd_core.tasks import get_task
+
+MiB = 2**20
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    """See conftest.one_thread."""
+
+
+def _batches(num, length, batch, vocab=tiny_models.VOCAB, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (num, length), generator=g)
+    return [{"input_ids": ids[i:i + batch], "attention_mask": torch.ones_like(ids[i:i + batch]),
+             "labels": ids[i:i + batch].clone()} for i in range(0, num, batch)]
+
+
+def _loss(model, batch):
+    return get_task("causal-lm-packed").fisher_loss(model, batch)
+
+
+def test_parse_bytes():
+    assert parse_bytes("8GiB") == 8 * 2**30 and parse_bytes("500MB") == 500 * 10**6 and parse_bytes(1024) == 1024
+    assert parse_bytes(None) is None
+    with pytest.raises(ConfigurationError, match="not understood"):
+        parse_bytes("lots")
+
+
+@pytest.mark.parametrize("unit,methods", [("sequence", ["gfwsvd"]), ("token", ["gfwsvd"]), ("batch", ["fwsvd"]),
+                                          ("sequence", ["svdllm", "kfac"])])
+def test_plan_counts_the_bytes_collection_keeps(unit, methods):
+    model = tiny_models.tiny_llama(hidden=48)
+    num, length, batch = 6, 12, 3
+    plan = make_plan(model, num, length, "cpu", None, methods, unit, batch_size=batch)
+    stats = collect_statistics(model, _batches(num, length, batch), _loss, layers=[lp.name for lp in plan.layers],
+                               kinds=required_kinds(methods), sample_unit=unit)
+    for lp in plan.layers:
+        assert lp.stats_bytes == stats[lp.name].nbytes(), lp.name
+        want = stats[lp.name].storage or "streamed"
+        assert lp.storage == want, lp.name
+
+
+@pytest.fixture(scope="module")
+def mid_model():
+    """Wide enough that statistics, not the logits of one batch, dominate (batch size 1)."""
+    return tiny_models.tiny_llama(hidden=256, layers=2)
+
+
+def test_groups_respect_the_budget_and_collection_follows_them(mid_model):
+    model = mid_model
+    num, length, batch = 32, 64, 1
+    # K-FAC plus the per-sample gradients of the exact yardstick: the statistics dominate
+    free = make_plan(model, num, length, "cpu", None, ["kfac"], batch_size=batch, extra_kinds=("samples",))
+    kept = sum(lp.stats_bytes for lp in free.layers)
+    largest = max(lp.stats_bytes for lp in free.layers)
+    # room for the statistics' transient between the largest layer and all layers (several passes),
+    # and enough for the other stages
+    others = max(s.host_peak for s in free.stages if s.name != "statistics")
+    budget = free.model_bytes + max(others, kept + max(largest, free.activation_bytes)) + 1
+    assert budget < free.model_bytes + 2 * kept  # one pass would not fit
+    plan = make_plan(model, num, length, "cpu", budget, ["kfac"], batch_size=batch, extra_kinds=("samples",))
+    assert len(plan.groups) > 1 and plan.fits
+    sizes = {lp.name: lp.stats_bytes for lp in plan.layers}
+    assert all(sum(sizes[n] for n in g) <= plan.collect_max_memory for g in plan.groups)
+    assert plan_groups(sizes, plan.collect_max_memory) == plan.groups
+    assert plan.peak_host <= budget
+    totals = []
+    collect_statistics(model, _batches(num, length, batch), _loss, layers=list(sizes), kinds=plan.kinds,
+                       max_memory=plan.collect_max_memory, progress=lambda d, t, m: totals.append(t))
+    assert totals[-1] == len(plan.groups) * (num // batch)  # one pass over the batches per group
+    # a larger budget: one pass, and the decompositions' caches kept
+    roomy = make_plan(model, num, length, "cpu", 100 * budget, ["gfwsvd"], batch_size=batch)
+    assert len(roomy.groups) == 1 and not roomy.lean
+
+
+def test_too_small_budget_says_the_smallest_that_works():
+    model = tiny_models.tiny_llama(hidden=48)
+    plan = make_plan(model, 6, 12, "cpu", "1MB", ["gfwsvd"], batch_size=3)
+    assert not plan.fits and plan.minimum_bytes > 10**6
+    with pytest.raises(ConfigurationError, match="smallest budget that works is about"):
+        plan.check()
+    ok = make_plan(model, 6, 12, "cpu", plan.minimum_bytes, ["gfwsvd"], batch_size=3)
+    assert ok.fits and ok.check() is ok
+    assert ok.peak_host <= plan.minimum_bytes
+    text = ok.table()
+    assert "statistics" in text and "factors" in text and "model.layers.0.mlp.up_proj" in text
+
+
+def test_plan_from_meta_config_needs_no_weights():
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      vocab_size=32000, architectures=["LlamaForCausalLM"])
+    plan = make_plan(cfg, 128, 512, "cuda", "80GB", ["gfwsvd"], batch_size=8)
+    assert len(plan.layers) == 32 * 7 and plan.model_bytes == pytest.approx(6.74e9 * 4, rel=0.01)
+    json.dumps(plan.as_dict())
+
+
+def test_cli_plan_on_a_tiny_folder(tmp_path):
+    folder = tiny_models.save_tiny(tiny_models.tiny_llama(), tmp_path / "llama")
+    report = tmp_path / "plan.json"
+    o, e = io.StringIO(), io.StringIO()
+    with redirect_stdout(o), redirect_stderr(e):
+        code = main(["plan", "--model", str(folder), "--samples", "8", "--max-length", "32", "--max-memory", "4GiB",
+                     "--methods", "gfwsvd,svd", "--report", str(report)])
+    assert code == 0, e.getvalue()
+    assert "factors" in o.getvalue() and "storage:" in o.getvalue()
+    rep = json.loads(report.read_text())
+    assert rep["fits"] and rep["max_memory"] == 4 * 2**30 and len(rep["layers"]) == 14
+    o, e = io.StringIO(), io.StringIO()
+    with redirect_stdout(o), redirect_stderr(e):
+        code = main(["plan", "--model", str(folder), "--samples", "8", "--max-length", "32", "--max-memory", "100kB"])
+    assert code == 2 and "smallest budget that works" in e.getvalue()
+
+
+def test_cli_evaluate_with_max_memory(tmp_path):
+    """--max-memory end to end: at the smallest budget the plan allows, the run completes; below it,
+    the CLI stops before any work and names the smallest budget."""
+    from gfwsvd_core import pipeline
+    from gfwsvd_core.plan import plan_experiment
+
+    folder = tiny_models.save_tiny(tiny_models.tiny_gpt2(), tmp_path / "gpt2")
+    small = ["--samples", "6", "--eval-samples", "4", "--max-length", "24", "--batch-size", "3", "--device", "cpu"]
+    exp = pipeline.prepare(model=str(folder), samples=6, eval_samples=4, max_length=24, batch_size=3, device="cpu")
+    least = plan_experiment(exp, None, ["gfwsvd"], ("samples",)).minimum_bytes
+    tight = plan_experiment(exp, least, ["gfwsvd"], ("samples",))
+    assert tight.fits and tight.peak_host <= least and exp.lean == tight.lean
+    o, e = io.StringIO(), io.StringIO()
+    with redirect_stdout(o), redirect_stderr(e):
+        code = main(["evaluate", "--model", str(folder), *small, "--method", "gfwsvd", "--ratio", "0.5", "--quiet",
+                     "--max-memory", str(least), "--report", str(tmp_path / "r.json")])
+    assert code == 0, e.getvalue()
+    assert json.loads((tmp_path / "r.json").read_text())["layers"]
+    with redirect_stdout(o), redirect_stderr(e):
+        code = main(["evaluate", "--model", str(folder), *small, "--method", "gfwsvd", "--quiet", "--max-memory", "1MB"])
+    assert code == 2 and "smallest budget" in e.getvalue()
+
+
+def test_lean_decompositions_keep_truncation():
+    from gfwsvd_core.compress import compress, decompose_layers
+
+    model = tiny_models.tiny_llama(hidden=32)
+    stats = collect_statistics(model, _batches(6, 12, 3), _loss, kinds=("samples", "kfac"))
+    full = decompose_layers(model, stats, "gfwsvd")
+    lean = decompose_layers(model, stats, "gfwsvd", lean=True)
+    for n in full:
+        assert lean[n].weights is None and full[n].weights is not None
+        torch.testing.assert_close(lean[n].decomposition.reconstruct(4), full[n].decomposition.reconstruct(4))
+    comp = compress(model, stats, "gfwsvd", ratio=0.5, decompositions=lean)
+    assert comp.ranks
+
+
+def test_small_budget_run_stays_under_it(mid_model):
+    """A budget that forces several passes: the collection's measured peak growth stays under the
+    budget's share for statistics (generously: x1.5 plus 64 MiB of allocator and interpreter noise)."""
+    model = mid_model
+    num, length, batch = 32, 64, 1
+    free = make_plan(model, num, length, "cpu", None, ["kfac"], batch_size=batch, extra_kinds=("samples",))
+    kept = sum(lp.stats_bytes for lp in free.layers)
+    largest = max(lp.stats_bytes for lp in free.layers)
+    others = max(s.host_peak for s in free.stages if s.name != "statistics")
+    budget = free.model_bytes + max(others, kept + max(largest, free.activation_bytes)) + MiB
+    plan = make_plan(model, num, length, "cpu", budget, ["kfac"], batch_size=batch, extra_kinds=("samples",))
+    assert plan.fits and len(plan.groups) > 1
+    batches = _batches(num, length, batch)
+    gc.collect()
+    with measure("cpu") as rec:
+        stats = collect_statistics(model, batches, _loss, layers=[lp.name for lp in plan.layers], kinds=plan.kinds,
+                                   max_memory=plan.collect_max_memory)
+    assert rec.cpu_peak_extra_mb is not None
+    measured = rec.cpu_peak_extra_mb * MiB
+    assert measured <= 1.5 * (budget - plan.model_bytes) + 64 * MiB, (measured / MiB, budget / MiB)
+    assert sum(s.nbytes() for s in stats.values()) == kept
