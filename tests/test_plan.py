@@ -64,17 +64,22 @@ def mid_model():
     return tiny_models.tiny_llama(hidden=256, layers=2)
 
 
-def test_groups_respect_the_budget_and_collection_follows_them(mid_model):
-    model = mid_model
-    num, length, batch = 32, 64, 1
-    # K-FAC plus the per-sample gradients of the exact yardstick: the statistics dominate
+def _multi_pass_budget(model, num, length, batch, slack):
+    """``(unbounded plan, budget)``: room for the statistics' transient between the largest layer
+    and all layers (several passes), and enough for the other stages. K-FAC plus the per-sample
+    gradients of the exact yardstick: the statistics dominate."""
     free = make_plan(model, num, length, "cpu", None, ["kfac"], batch_size=batch, extra_kinds=("samples",))
     kept = sum(lp.stats_bytes for lp in free.layers)
     largest = max(lp.stats_bytes for lp in free.layers)
-    # room for the statistics' transient between the largest layer and all layers (several passes),
-    # and enough for the other stages
     others = max(s.host_peak for s in free.stages if s.name != "statistics")
-    budget = free.model_bytes + max(others, kept + max(largest, free.activation_bytes)) + 1
+    return free, free.model_bytes + max(others, kept + max(largest, free.activation_bytes)) + slack
+
+
+def test_groups_respect_the_budget_and_collection_follows_them(mid_model):
+    model = mid_model
+    num, length, batch = 32, 64, 1
+    free, budget = _multi_pass_budget(model, num, length, batch, 1)
+    kept = sum(lp.stats_bytes for lp in free.layers)
     assert budget < free.model_bytes + 2 * kept  # one pass would not fit
     plan = make_plan(model, num, length, "cpu", budget, ["kfac"], batch_size=batch, extra_kinds=("samples",))
     assert len(plan.groups) > 1 and plan.fits
@@ -173,11 +178,8 @@ def test_small_budget_run_stays_under_it(mid_model):
     budget's share for statistics (generously: x1.5 plus 64 MiB of allocator and interpreter noise)."""
     model = mid_model
     num, length, batch = 32, 64, 1
-    free = make_plan(model, num, length, "cpu", None, ["kfac"], batch_size=batch, extra_kinds=("samples",))
+    free, budget = _multi_pass_budget(model, num, length, batch, MiB)
     kept = sum(lp.stats_bytes for lp in free.layers)
-    largest = max(lp.stats_bytes for lp in free.layers)
-    others = max(s.host_peak for s in free.stages if s.name != "statistics")
-    budget = free.model_bytes + max(others, kept + max(largest, free.activation_bytes)) + MiB
     plan = make_plan(model, num, length, "cpu", budget, ["kfac"], batch_size=batch, extra_kinds=("samples",))
     assert plan.fits and len(plan.groups) > 1
     batches = _batches(num, length, batch)
