@@ -541,7 +541,8 @@ def _kronecker_cost(m: int, n: int, K: int, T: int, storage: str) -> tuple[float
     map_tmp = min(CHUNK_BYTES, max(1, CHUNK_BYTES // (F32 * per)) * per * F32, K * per * F32)
     # the PSD check: a Cholesky of each factor; a factor of more rows than the K T sample tokens
     # that span it is rank-deficient, float32 rounding leaves it indefinite, and it is eigendecomposed
-    psd = sum(CHOL_D3 * d**3 + (EIGH_D3 * d**3 if d > K * T else 0.0) for d in (m, n))
+    # (then rebuilt from its clipped eigenpairs: one more d x d x d product, 2 d^3)
+    psd = sum(CHOL_D3 * d**3 + ((EIGH_D3 + 2.0) * d**3 if d > K * T else 0.0) for d in (m, n))
     relaid = K * m * n * F32 if storage == "materialized" else 0  # the solver's (m, c, n) copy of G
     # phases, one after the other: the Krylov solve (bases, a map's chunk, its float64 in/out
     # matrices), the PSD projection (the symmetrised float64 factor, its shifted copy or eigenvectors
