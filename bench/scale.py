@@ -138,13 +138,14 @@ def print_rows(label: str, rows: list[dict]) -> None:
               f"{r['meas_s']:>8.1f} {rt:>6.2f} {r['cpu_s']:>9.1f} {rc:>6.2f}")
 
 
-def _largest_fitting(cfg, length: int, batch: int, budget: int) -> int:
-    """The most samples (a power of two, up to 4096) whose plan fits ``budget`` on a GPU."""
+def _largest_fitting(cfg, length: int, batch: int, budget: int, stream: bool) -> int:
+    """The most samples (a power of two, up to 4096) whose plan fits ``budget`` on a GPU; without
+    ``stream``, keeping every layer's statistics to the end."""
     best = 0
     k = 1
     while k <= 4096:
-        if not make_plan(cfg, k, length, "cuda", budget, ["gfwsvd"], dtype=torch.bfloat16,
-                         batch_size=min(batch, k)).fits:
+        p = make_plan(cfg, k, length, "cuda", budget, ["gfwsvd"], dtype=torch.bfloat16, batch_size=min(batch, k))
+        if not (p.fits and (stream or not p.stream)):
             break
         best, k = k, 2 * k
     return best
@@ -153,31 +154,30 @@ def _largest_fitting(cfg, length: int, batch: int, budget: int) -> int:
 def extrapolate(samples: int, length: int, batch: int) -> None:
     """The same plan model at full depth and for LLaMA-2-7B, on a 24 GB and an 80 GB GPU (bfloat16 model).
 
-    "now": the pipeline as it is (all layers' statistics kept until the end). "per layer": the need
-    of a pipeline that consumes each group's statistics (factors, SVD, truncation) before the next
-    pass, the model + one batch + the largest layer's statistics and its factor temporaries;
-    not implemented, given as the target."""
+    "kept": every layer's statistics kept until the end (``collect``); "streamed": each group's
+    statistics consumed by its decompositions and freed before the next pass (``collect_streamed``,
+    which ``--max-memory`` chooses when keeping does not fit)."""
     cases = [("Qwen2.5-0.5B (24 layers)", qwen_config(24)), ("Llama-3.2-1B (16 layers)", llama32_config(16)),
              ("LLaMA-2-7B (32 layers)", llama2_7b_config(32))]
     print(f"\nextrapolation: GFWSVD, {samples} samples x {length} tokens, batch {batch}, device cuda, bfloat16 model")
-    print(f"{'model':<26} {'model':>9} {'stats kept':>11} {'now: min':>10} {'per layer':>10} {'stats s':>8} "
-          f"{'factors s':>10}  {'max samples now 24/80 GB':>25}  storage")
+    print(f"{'model':<26} {'model':>9} {'stats kept':>11} {'min kept':>10} {'min stream':>10} {'stats s':>8} "
+          f"{'factors s':>10}  {'passes 24/80 GB':>16}  {'max samples kept/streamed 24 GB; 80 GB':>40}  storage")
     for label, cfg in cases:
         p = make_plan(cfg, samples, length, "cuda", None, ["gfwsvd"], dtype=torch.bfloat16, batch_size=batch)
         kept = sum(lp.stats_bytes for lp in p.layers)
-        per_layer = p.model_bytes + max(p.activation_bytes, max(
-            lp.stats_bytes + lp.factor_kept + max(lp.factor_peak, lp.svd_peak) for lp in p.layers))
         st = {s.name: s for s in p.stages}
         counts = {}
         for lp in p.layers:
             counts[lp.storage] = counts.get(lp.storage, 0) + 1
-        fit = [_largest_fitting(cfg, length, batch, gb * 10**9) for gb in (24, 80)]
-        passes = [max(1, -(-kept // max(1, gb * 10**9 - per_layer + min(kept, 1)))) if gb * 10**9 > per_layer
-                  else None for gb in (24, 80)]
-        print(f"{label:<26} {fmt_bytes(p.model_bytes):>9} {fmt_bytes(kept):>11} {fmt_bytes(p.minimum_bytes):>10} "
-              f"{fmt_bytes(per_layer):>10} {st['statistics'].seconds:>8.0f} {st['factors'].seconds:>10.0f}  "
-              f"{fit[0]:>12} / {fit[1]:<10}  {counts}; per-layer passes 24/80 GB: {passes[0]} / {passes[1]}")
-    print("(seconds at this CPU's matmul rate; a GPU's is ~50-100x higher)")
+        passes = []
+        for gb in (24, 80):
+            q = make_plan(cfg, samples, length, "cuda", gb * 10**9, ["gfwsvd"], dtype=torch.bfloat16, batch_size=batch)
+            passes.append(f"{len(q.groups)}{'s' if q.stream else ''}" if q.fits else "-")
+        fit = [_largest_fitting(cfg, length, batch, gb * 10**9, s) for gb in (24, 80) for s in (False, True)]
+        print(f"{label:<26} {fmt_bytes(p.model_bytes):>9} {fmt_bytes(kept):>11} {fmt_bytes(p.minimum_keep_bytes):>10} "
+              f"{fmt_bytes(p.minimum_bytes):>10} {st['statistics'].seconds:>8.0f} {st['factors'].seconds:>10.0f}  "
+              f"{' / '.join(passes):>16}  {fit[0]:>8} / {fit[1]:<6}; {fit[2]:>6} / {fit[3]:<8}  {counts}")
+    print("(passes: 's' = streamed; seconds at this CPU's matmul rate; a GPU's is ~50-100x higher)")
 
 
 def main(argv=None) -> int:

@@ -96,7 +96,9 @@ def _common(p: argparse.ArgumentParser, single_method: bool = True) -> None:
     g.add_argument("--seed", type=_seed, default=0)
     g.add_argument("--device", type=_device, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     g.add_argument("--max-memory", type=_memory, help="memory budget, e.g. 8GiB or 500MB: planned before any work "
-                   "(see 'gfwsvd plan'); layers are then collected in groups and decompositions kept lean as needed")
+                   "(see 'gfwsvd plan'); layers are then collected in groups, decompositions kept lean and, when "
+                        "keeping every layer's statistics does not fit, each group's statistics freed after its "
+                        "decompositions (streamed) as needed")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="model dtype (default float32); statistics and factors are computed in float32/float64 "
                         "and the compressed weights cast back to this dtype")
@@ -204,15 +206,26 @@ def cmd_plan(a) -> int:
     return 0
 
 
-def _budget(exp, a, methods, extra_kinds=()) -> Optional[int]:
-    """With --max-memory: plan on the loaded experiment, fail early when it cannot fit, keep its
-    decompositions lean when the plan says so; returns collect()'s ``max_memory`` (None: one pass)."""
+def _collect(exp, a, methods, prog, extra_kinds=()) -> None:
+    """Collect the statistics; with --max-memory, plan on the loaded experiment first, fail early
+    when it cannot fit, collect in the planned groups (streamed when keeping every layer's
+    statistics would not fit) and keep decompositions lean when the plan says so."""
+    from . import pipeline
+
     if getattr(a, "max_memory", None) is None:
-        return None
+        pipeline.collect(exp, methods=methods, extra_kinds=extra_kinds, progress=prog)
+        return
     from .plan import plan_experiment
 
     p = plan_experiment(exp, a.max_memory, methods, extra_kinds)
-    return p.collect_max_memory
+    if p.stream:
+        if not getattr(a, "quiet", False) and _lead():
+            print(f"--max-memory {a.max_memory}: statistics streamed in {len(p.groups)} group(s) of layers "
+                  "(each collected, decomposed and freed before the next pass)", file=sys.stderr)
+        pipeline.collect_streamed(exp, methods, p.groups, progress=prog, extra_kinds=extra_kinds)
+    else:
+        pipeline.collect(exp, methods=methods, extra_kinds=extra_kinds, progress=prog,
+                         max_memory=p.collect_max_memory)
 
 
 def _progress(quiet: bool):
@@ -344,7 +357,7 @@ def cmd_compress(a) -> int:
     if ranks:
         _check_ranks_layers(exp, ranks)
     prog = _progress(a.quiet)
-    pipeline.collect(exp, methods=[a.method], progress=prog, max_memory=_budget(exp, a, [a.method]))
+    _collect(exp, a, [a.method], prog)
     comp, rep = pipeline.run_compression(exp, a.method, ratio=None if ranks else (a.ratio or 0.5), ranks=ranks,
                                          progress=prog)
     rep["export"] = str(a.out)
@@ -388,8 +401,7 @@ def cmd_evaluate(a) -> int:
         prog = _progress(a.quiet)
         # the exact empirical-Fisher quadratic needs per-sample gradients whatever the method:
         # GFWSVD's statistics ("samples" + "kfac") include them
-        pipeline.collect(exp, methods=[a.method], extra_kinds=("samples",), progress=prog,
-                         max_memory=_budget(exp, a, [a.method], ("samples",)))
+        _collect(exp, a, [a.method], prog, ("samples",))
         comp, rep = pipeline.run_compression(exp, a.method, ratio=None if ranks else (a.ratio or 0.5), ranks=ranks,
                                              measure=a.measure, progress=prog)
         _print_metrics(rep)
@@ -516,7 +528,7 @@ def cmd_sweep(a) -> int:
         get_method(m)  # validate before the long work
     exp = pipeline.prepare(**_options(a))
     prog = _progress(a.quiet)
-    pipeline.collect(exp, methods=methods, progress=prog, max_memory=_budget(exp, a, methods))
+    _collect(exp, a, methods, prog)
     rep = pipeline.run_sweep(exp, methods, a.ratios, progress=prog)
     _print_warnings(rep)
     keys = list(rep["rows"][0]["metrics"])

@@ -26,7 +26,7 @@ from .data import TextSource, load_texts, split_texts
 from .evaluate import layer_report, sweep
 from .layers import get_weight, select_layers
 from .errors import ConfigurationError, DataError, OutputPathError
-from .meter import StageRecord, lifetime_peak_mb, measure
+from .meter import StageRecord, lifetime_peak_mb, measure, release_memory
 from .methods import get_method, method_key
 from .models import ModelBundle, default_layers, load_model
 from .stats import Cancelled, LayerStats, collect_statistics, estimate_memory, has_kinds, merge_stats
@@ -72,6 +72,9 @@ class Experiment:
     #: decompose with ``lean=True`` (weights dropped per layer): set from a memory plan that says the
     #: caches do not fit (``gfwsvd_core.plan``)
     lean: bool = False
+    #: the layer groups of a streamed collection (:func:`collect_streamed`): their statistics were
+    #: consumed and freed, ``stats`` holds counts only; None after a plain :func:`collect`
+    streamed: Optional[list[list[str]]] = None
     _reference: Any = None
     _baseline: Optional[dict] = None
     _time_estimate: Optional[dict] = None
@@ -336,9 +339,89 @@ def collect(exp: Experiment, methods: Sequence[Any] = ("svd", "fwsvd", "kfac", "
             fold_stats = (a, b)
     exp.stats = stats
     exp.fold_stats = fold_stats
+    exp.streamed = None
     exp.decompositions.clear()
     exp.fold_decompositions.clear()
     _record(exp, "statistics", rec)
+    return exp.stats
+
+
+def collect_streamed(exp: Experiment, methods: Sequence[Any], groups: Sequence[Sequence[str]],
+                     progress: Any = None, cancel: Any = None, extra_kinds: Sequence[str] = ()) -> dict[str, LayerStats]:
+    """Statistics consumed group by group, for models whose statistics do not fit all at once.
+
+    Per group of layers (``gfwsvd plan`` chooses them; one pass over the calibration batches
+    each): collect the group's statistics, compute every method's decompositions of those layers
+    (lean: what truncation needs, with the exact empirical-Fisher curve when samples are
+    collected), then free the statistics before the next pass. Afterwards ``exp.decompositions``
+    holds every method's decompositions of every layer, ``exp.stats`` each layer's counts only
+    (:meth:`~gfwsvd_core.stats.LayerStats.counts_only`), and ``exp.streamed`` the groups. What
+    needs the statistics later is not available: the reports' Fisher-aligned view, another
+    method without collecting again, sequential and composite (auto) methods.
+    """
+    ms = [get_method(m) for m in methods]
+    bad = [m.label for m in ms if m.sequential or getattr(m, "composite", False)]
+    if bad:
+        raise ConfigurationError(f"{', '.join(bad)} cannot stream statistics (a sequential method collects its own "
+                                 "block by block, auto chooses on held-out folds of all of them): give a larger "
+                                 "--max-memory or another method")
+    if distributed.current() is not None:
+        raise ConfigurationError("streamed statistics (a --max-memory below what keeping every layer's statistics "
+                                 "needs) do not run under torchrun yet; run in one process or raise --max-memory")
+    names = [n for g in groups for n in g]
+    unknown = sorted(set(names) - set(exp.layers))
+    if unknown or len(set(names)) != len(names) or not names:
+        raise ConfigurationError(f"streamed groups must name each selected layer at most once; unknown: {unknown}")
+    gen = torch.Generator().manual_seed(int(exp.settings["seed"]))
+    fisher = exp.settings["fisher"]
+    kinds = tuple(dict.fromkeys(required_kinds(methods) + tuple(extra_kinds)))
+    per_pass = len(exp.calib_batches)
+    # progress units: each group's batches, then its layers' decompositions (one per method and layer)
+    sizes = [per_pass + len(ms) * len(g) for g in groups]
+    total = sum(sizes)
+
+    def loss_fn(model, batch):
+        return exp.task.fisher_loss(model, batch, fisher=fisher, generator=gen)
+
+    def step(gi: int, start: int):
+        if not callable(progress):
+            return None
+        base = sum(sizes[:gi]) + start
+        return lambda d, t, msg: progress(base + d, total, f"group {gi + 1} of {len(groups)}: {msg}")
+
+    light: dict[str, LayerStats] = {}
+    kept: dict[str, dict[str, LayerDecomposition]] = {}
+    exp.fold_stats = None
+    exp.fold_decompositions.clear()
+    lean = exp.lean
+    exp.lean = True
+    try:
+        with measure(exp.model.device) as rec:
+            for gi, group in enumerate(groups):
+                wanted = set(group)
+                stats = job_statistics(exp.model, exp.calib_batches, loss_fn, layers=lambda n, _m: n in wanted,
+                                       kinds=kinds, sample_unit=exp.sample_unit, cancel=cancel,
+                                       progress=step(gi, 0))
+                exp.stats, exp.decompositions = stats, {}
+                for j, m in enumerate(ms):
+                    decompositions(exp, m, progress=step(gi, per_pass + j * len(group)), cancel=cancel)
+                for key, decs in exp.decompositions.items():
+                    kept.setdefault(key, {}).update(decs)
+                light.update({n: s.counts_only() for n, s in stats.items()})
+                exp.stats = stats = None  # this group's statistics are freed here
+                exp.decompositions = {}
+                release_memory()
+    finally:
+        exp.lean = lean
+        for key in [k for k in exp.stages if k.startswith("decompose:")]:  # per group: inside "statistics" below
+            exp.stages.pop(key)
+            exp.timings.pop(key, None)
+    exp.stats = {n: light[n] for n in exp.layers if n in light}
+    exp.decompositions = {key: {n: d[n] for n in exp.stats if n in d} for key, d in kept.items()}
+    exp.streamed = [list(g) for g in groups]
+    _record(exp, "statistics", rec)
+    exp.stages["statistics"].update(streamed_groups=len(groups),
+                                    includes=f"the decompositions of {', '.join(kept)}, computed per group")
     return exp.stats
 
 
@@ -377,8 +460,12 @@ def decompositions(exp: Experiment, method: Any, progress: Any = None, cancel: A
         m = dataclasses.replace(m, sequential=False)
     if getattr(m, "composite", False):
         return _composite_decompositions(exp, m, progress, cancel, run)
+    key = method_key(m)
+    if key in exp.decompositions:  # computed before (a streamed run keeps no statistics to redo them)
+        if run is not None:
+            run[f"decompose:{key}"] = {"seconds": 0.0, "cached": True}
+        return exp.decompositions[key]
     if m.update:  # the plain method's decompositions, each followed by the closed-form update
-        key = method_key(m)
         missing = has_kinds(exp.stats, m.kinds())
         if missing:
             raise ConfigurationError(f"{key} needs statistics {missing}; collect them again including this method")
@@ -395,7 +482,6 @@ def decompositions(exp: Experiment, method: Any, progress: Any = None, cancel: A
     if missing:
         raise ConfigurationError(
             f"method {m.name} needs statistics {missing}; collect them again including this method")
-    key = method_key(m)
     if key not in exp.decompositions:
         with measure(exp.model.device) as rec:
             decs = decompose_layers(exp.model, exp.stats, m, progress=progress, cancel=cancel, lean=exp.lean)

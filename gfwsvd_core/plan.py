@@ -7,7 +7,10 @@ at this machine's matmul rate). It chooses per layer how per-sample gradients ar
 or *streamed*: not kept at all, only moments, when the methods need no samples), the layer groups
 (one pass over the data each) that keep the collection's transient inside the budget, and whether
 decompositions must be *lean* (each layer's Kronecker factors dropped once its SVD is taken:
-only what truncation needs stays). A budget that no choice meets is a
+only what truncation needs stays), and, when keeping every layer's statistics until the end
+would not fit, whether the run is *streamed*: each group's statistics are collected, consumed by
+every method's decompositions (factors, SVD, exact curve) and freed before the next group's pass
+(:func:`gfwsvd_core.pipeline.collect_streamed`). A budget that no choice meets is a
 :class:`~gfwsvd_core.errors.ConfigurationError` naming the smallest budget that works.
 
 The model of a stage's peak is "what is kept so far + the largest temporary at one moment"; the
@@ -134,6 +137,11 @@ class Plan:
     rate32: float
     rate64: float
     notes: list[str] = field(default_factory=list)
+    #: statistics consumed group by group (collect -> decompose -> free): only the lean
+    #: decompositions accumulate; ``groups`` are then the passes of the streamed run
+    stream: bool = False
+    #: the smallest budget when every layer's statistics are kept to the end (no streaming)
+    minimum_keep_bytes: int = 0
 
     @property
     def peak_host(self) -> int:
@@ -183,7 +191,8 @@ class Plan:
                  f"methods {','.join(map(str, self.methods))}; statistics {','.join(self.kinds)}; "
                  f"model {fmt_bytes(self.model_bytes)}; {len(self.groups)} pass(es) over the data; "
                  f"decompositions {'lean (factors dropped per layer)' if self.lean else 'cached'}; "
-                 f"smallest budget {fmt_bytes(self.minimum_bytes)}"
+                 + ("statistics streamed (each group freed after its decompositions); " if self.stream else "")
+                 + f"smallest budget {fmt_bytes(self.minimum_bytes)}"
                  + ("" if self.fits else "  ** DOES NOT FIT **"),
                  f"{'stage':<11} {'host peak':>11} {'device peak':>12} {'seconds':>9}  note"]
         for s in self.stages:
@@ -401,8 +410,35 @@ def make_plan(model_or_config: Any, num_samples: int, max_length: int, device: s
     total_samples = sum(lp.samples_bytes for lp in lps)
     sizes = {lp.name: lp.stats_bytes for lp in lps}  # what collect_statistics groups by
     largest = max(sizes.values(), default=0)
+    by_name = {lp.name: lp for lp in lps}
+    # what one layer's solve adds while it runs: its factors and the larger of their temporaries and the SVD's
+    solve_need = {lp.name: lp.factor_kept + max(lp.factor_peak, lp.svd_peak) for lp in lps}
+    all_lean = sum(lp.dec_kept for lp in lps)  # every layer's lean decomposition
+    streamable = _streamable(methods)
+
+    # the smallest budget of each mode: groups of one layer, lean decompositions; the worst stage
+    # keep-all: room for the statistics' transient: one pass when its copy of the samples fits, else
+    # groups (collect_statistics groups by whole layers' statistics, the largest alone at least)
+    min_room = act if total_samples <= act else min(total_samples, max(largest, act))
+    comp_bytes = sum(max(1, int(ratio * lp.shape[0] * lp.shape[1] / (lp.shape[0] + lp.shape[1]))) * sum(lp.shape)
+                     for lp in lps) * itemsize
+    lean_kept = total_kept + all_lean
+
+    def factors_peak(lean: bool) -> int:  # keep-all: every layer's stats stay; decompositions accumulate
+        kept_decs = sum(lp.dec_kept + (0 if lean else lp.factor_kept) for lp in lps)
+        return total_kept + kept_decs + max(solve_need.values(), default=0)
+
+    minimum_keep = model_bytes + max(total_kept + min_room, factors_peak(True), lean_kept + comp_bytes)
+    # streamed: one group's statistics (and its pass's transient, or one of its layers' solve) on top
+    # of every lean decomposition (the last group's worst case); nothing else accumulates
+    minimum_stream = model_bytes + all_lean + max(
+        [comp_bytes] + [lp.stats_bytes + max(lp.samples_bytes, act, solve_need[lp.name]) for lp in lps])
+    stream = bool(budget is not None and streamable and lps and minimum_keep > budget >= minimum_stream)
+
     groups, collect_budget = [list(sizes)], None
-    if budget is not None and needs_samples:
+    if stream:
+        groups = _stream_groups(lps, act, solve_need, budget - model_bytes - all_lean)
+    elif budget is not None and needs_samples:
         room = budget - model_bytes - total_kept  # for the larger of a pass's finishing copy and a batch
         if max(largest, act) <= room < total_samples:
             from .stats import plan_groups
@@ -410,12 +446,8 @@ def make_plan(model_or_config: Any, num_samples: int, max_length: int, device: s
             collect_budget = int(room)
             groups = plan_groups(sizes, collect_budget)
     for gi, g in enumerate(groups):
-        for lp in lps:
-            if lp.name in g:
-                lp.group = gi
-    by_name = {lp.name: lp for lp in lps}
-    group_max = max(sum(by_name[n_].samples_bytes for n_ in g) for g in groups) if lps else 0
-    stats_peak = total_kept + max(group_max, act)
+        for n_ in g:
+            by_name[n_].group = gi
     tokens = num_samples * max_length
     fwd = _forward_flops(model, {}, tokens)
     kinds_flops = sum(_kind_flops(lp, K, T, tokens, kinds) for lp in lps)
@@ -424,30 +456,32 @@ def make_plan(model_or_config: Any, num_samples: int, max_length: int, device: s
     t_logit, t_acc = elementwise_costs(min(batch_size, num_samples) * max_length * vocab)
     moments = sum((lp.shape[0] ** 2 if "kfac" in kinds else 0) + (lp.shape[1] ** 2 if {"kfac", "inputs"} & set(kinds)
                   else 0) for lp in lps)  # float64 elements updated per batch
-    memory_s = tokens * vocab * t_logit * needs_grad + n_batches * moments * t_acc
-    stats_s = (((2.0 if needs_grad else 1.0) * fwd + kinds_flops) / rate32 + memory_s) * len(groups)
-
-    # factors (+ weighted SVD): per layer, stats stay; decompositions accumulate (lean: without factors)
-    def factors_peak(lean: bool) -> int:
-        kept_decs = sum(lp.dec_kept + (0 if lean else lp.factor_kept) for lp in lps)
-        per_layer = max((lp.factor_kept + max(lp.factor_peak, lp.svd_peak) for lp in lps), default=0)
-        return total_kept + kept_decs + per_layer
-
-    lean = False
-    if budget is not None and model_bytes + factors_peak(False) > budget:
-        lean = True
-    fac_peak = factors_peak(lean)
+    # every pass runs the model and its loss; each layer's own statistics are captured in one of them
+    per_pass = (2.0 if needs_grad else 1.0) * fwd / rate32 + tokens * vocab * t_logit * needs_grad
+    stats_s = per_pass * len(groups) + kinds_flops / rate32 + n_batches * moments * t_acc
     fac_s = sum(lp.factor_flops / rate32 + (lp.factor_flops64 + lp.svd_flops64) / rate64 for lp in lps)
 
-    low = sum(max(1, int(ratio * lp.shape[0] * lp.shape[1] / (lp.shape[0] + lp.shape[1]))) * sum(lp.shape) for lp in lps)
+    if stream:
+        lean = True
+        pass_peak = max(sum(by_name[n_].stats_bytes for n_ in g)
+                        + max(act, sum(by_name[n_].samples_bytes for n_ in g)) for g in groups)
+        solve_peak = max(sum(by_name[n_].stats_bytes for n_ in g) + max(solve_need[n_] for n_ in g) for g in groups)
+        stats_peak, fac_peak, kept_after_factors = all_lean + pass_peak, all_lean + solve_peak, all_lean
+        stats_note = f"{len(groups)} pass(es), streamed: each group's statistics freed after its decompositions"
+    else:
+        group_max = max(sum(by_name[n_].samples_bytes for n_ in g) for g in groups) if lps else 0
+        stats_peak = total_kept + max(group_max, act)
+        lean = bool(budget is not None and model_bytes + factors_peak(False) > budget)
+        fac_peak = factors_peak(lean)
+        kept_after_factors = total_kept + sum(lp.dec_kept + (0 if lean else lp.factor_kept) for lp in lps)
+        stats_note = f"{len(groups)} pass(es); kept {fmt_bytes(total_kept)}, activations {fmt_bytes(act)}"
+
     dense_layers = sum(lp.shape[0] * lp.shape[1] for lp in lps)
-    comp_bytes = (low + 0) * itemsize
     compressed_model = model_bytes - dense_layers * itemsize + comp_bytes
-    kept_after_factors = total_kept + sum(lp.dec_kept + (0 if lean else lp.factor_kept) for lp in lps)
     on_cpu = device == "cpu"
     stages = [
         StagePlan("statistics", stats_peak if on_cpu else 0, 0 if on_cpu else model_bytes + stats_peak, stats_s,
-                  f"{len(groups)} pass(es); kept {fmt_bytes(total_kept)}, activations {fmt_bytes(act)}"),
+                  stats_note),
         StagePlan("factors", fac_peak if on_cpu else 0, 0 if on_cpu else model_bytes + fac_peak, fac_s,
                   ("GFWSVD Kronecker factors + " if gfwsvd else "") + "weighted SVD, one layer at a time"),
         StagePlan("compress", kept_after_factors + comp_bytes if on_cpu else comp_bytes,
@@ -458,24 +492,53 @@ def make_plan(model_or_config: Any, num_samples: int, max_length: int, device: s
         StagePlan("reload", kept_after_factors + comp_bytes, 0, RELOAD_SECONDS,
                   "load_compressed: memory-mapped, resident once used"),
     ]
-    # the smallest budget: groups of one layer, lean decompositions; the worst accelerator/host stage
-    # room for the statistics' transient: one pass when its copy of the samples fits, else groups
-    # (collect_statistics groups by whole layers' statistics, the largest alone at least)
-    min_room = act if total_samples <= act else min(total_samples, max(largest, act))
-    min_stats = total_kept + min_room
-    lean_kept = total_kept + sum(lp.dec_kept for lp in lps)
-    minimum = model_bytes + max(min_stats, factors_peak(True), lean_kept + comp_bytes)
+    minimum = min(minimum_keep, minimum_stream) if streamable else minimum_keep
     notes = []
     if not needs_samples:
         notes.append("no method needs per-sample gradients: every layer is streamed (only moments are kept); "
                      "GFWSVD cannot run that way, K-FAC (kfac) uses the same moments and is its starting point")
-    if len(groups) > 1:
+    if stream:
+        notes.append(f"keeping every layer's statistics needs {fmt_bytes(minimum_keep)}: the run is streamed, "
+                     f"{len(groups)} group(s) each collected, decomposed and freed (time x{len(groups)} passes)")
+    elif len(groups) > 1:
         notes.append(f"{len(groups)} groups of layers: one pass over the calibration data each (time x{len(groups)})")
     if lean:
         notes.append("decompositions are lean: each layer's Kronecker factors are dropped after its SVD")
+    if not streamable and budget is not None and minimum_keep > budget:
+        notes.append("sequential and composite (auto) methods cannot stream their statistics")
     return Plan(name, num_samples, max_length, batch_size, str(device), budget, [str(m) for m in methods], kinds,
                 unit, K, T, int(model_bytes), int(act), lps, groups, collect_budget, lean, stages, int(minimum),
-                rate32, rate64, notes)
+                rate32, rate64, notes, stream, int(minimum_keep))
+
+
+def _streamable(methods: Sequence[Any]) -> bool:
+    """Whether the methods' statistics can be consumed group by group: not a sequential method
+    (which collects its own, block by block, on the compressed model) nor a composite one (auto
+    chooses on held-out folds of all the statistics)."""
+    from .methods import get_method
+
+    return not any(getattr(get_method(m), "sequential", False) or getattr(get_method(m), "composite", False)
+                   for m in methods)
+
+
+def _stream_groups(lps: Sequence[LayerPlan], act: int, solve_need: dict, room: int) -> list[list[str]]:
+    """Consecutive layer groups for a streamed run: a group's statistics plus the larger of its pass's
+    transient (a batch's activations or the finishing copy of its samples) and its largest solve fit ``room``."""
+    groups: list[list[str]] = []
+    cur: list[LayerPlan] = []
+
+    def need(g: list[LayerPlan]) -> int:
+        return (sum(lp.stats_bytes for lp in g)
+                + max(act, sum(lp.samples_bytes for lp in g), max(solve_need[lp.name] for lp in g)))
+
+    for lp in lps:
+        if cur and need(cur + [lp]) > room:
+            groups.append([x.name for x in cur])
+            cur = []
+        cur.append(lp)
+    if cur:
+        groups.append([x.name for x in cur])
+    return groups
 
 
 def _kind_flops(lp: LayerPlan, K: int, T: int, tokens: int, kinds: Sequence[str]) -> float:

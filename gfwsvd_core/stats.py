@@ -207,6 +207,14 @@ class LayerStats:
         """Whether statistics of ``kind`` were collected for this layer."""
         return get_kind(kind).collected(self)
 
+    def counts_only(self) -> "LayerStats":
+        """This layer's name, shape, unit and counts without any tensor: what a streamed run keeps
+        once the layer's decompositions are computed (``has()`` is then False for every kind)."""
+        info = {k: v for k, v in self.info.items() if not isinstance(v, torch.Tensor)}
+        info.update(storage=self.storage, streamed=True)
+        return LayerStats(self.name, self.out_features, self.in_features, self.sample_unit, self.num_samples,
+                          self.num_tokens, info=info)
+
     def nbytes(self) -> int:
         """Bytes of the tensors kept (all kinds)."""
         values = [getattr(self, f.name) for f in fields(self)] + list(self.extra.values())

@@ -191,3 +191,112 @@ def test_small_budget_run_stays_under_it(mid_model):
     measured = rec.cpu_peak_extra_mb * MiB
     assert measured <= 1.5 * (budget - plan.model_bytes) + 64 * MiB, (measured / MiB, budget / MiB)
     assert sum(s.nbytes() for s in stats.values()) == kept
+
+
+def _stream_budget(exp, methods, extra=()):
+    """A budget between the streamed minimum and what keeping every layer's statistics needs."""
+    from gfwsvd_core.plan import plan_experiment
+
+    free = plan_experiment(exp, None, methods, extra)
+    lean = sum(lp.dec_kept for lp in free.layers)
+    keep = plan_experiment(exp, 10**12, methods, extra)
+    need = {lp.name: lp.factor_kept + max(lp.factor_peak, lp.svd_peak) for lp in free.layers}
+    stream_min = free.model_bytes + lean + max(lp.stats_bytes + max(lp.samples_bytes, free.activation_bytes,
+                                                                    need[lp.name]) for lp in free.layers)
+    assert not keep.stream and free.minimum_bytes == stream_min < free.minimum_keep_bytes, \
+        (stream_min, free.minimum_keep_bytes)
+    return free, stream_min
+
+
+def test_streamed_run_equals_the_kept_one(tmp_path):
+    """Statistics consumed group by group give the same decompositions (truncations, exact curves)
+    and report as one pass that keeps them all; the plan streams only when keeping would not fit,
+    and then keeps no statistics tensor."""
+    from gfwsvd_core import pipeline
+    from gfwsvd_core.plan import plan_experiment
+
+    folder = tiny_models.save_tiny(tiny_models.tiny_llama(hidden=128), tmp_path / "llama")
+    opts = dict(model=str(folder), samples=16, eval_samples=4, max_length=32, batch_size=2, device="cpu")
+    methods = ["gfwsvd", "svd[update=true]"]
+    exp = pipeline.prepare(**opts)
+    free, least = _stream_budget(exp, methods, ("samples",))  # the streamed minimum is the smallest budget
+    plan = plan_experiment(exp, least, methods, ("samples",))
+    assert plan.stream and plan.fits and plan.lean and len(plan.groups) > 1 and plan.peak_host <= least
+    assert [n for g in plan.groups for n in g] == [lp.name for lp in plan.layers]
+    assert "streamed" in plan.table()
+    calls = []
+    pipeline.collect_streamed(exp, methods, plan.groups, extra_kinds=("samples",),
+                              progress=lambda d, t, msg: calls.append((d, t)))
+    assert calls[-1][0] == calls[-1][1] and all(d <= t for d, t in calls)
+    assert exp.streamed == plan.groups and list(exp.stats) == exp.layers
+    assert all(s.nbytes() == 0 and not s.has("samples") and s.num_samples == 16 for s in exp.stats.values())
+
+    ref = pipeline.prepare(**opts)
+    pipeline.collect(ref, methods=methods, extra_kinds=("samples",))
+    for m in methods:
+        key = pipeline.method_key(m)
+        got, want = pipeline.decompositions(exp, m), pipeline.decompositions(ref, m)
+        assert list(got) == list(want)
+        for n in want:
+            assert got[n].weights is None  # lean
+            r = min(got[n].shape) // 2
+            torch.testing.assert_close(got[n].decomposition.reconstruct(r), want[n].decomposition.reconstruct(r),
+                                       rtol=1e-4, atol=1e-6, msg=f"{key} {n}")
+            torch.testing.assert_close(got[n].exact_curve, want[n].exact_curve, rtol=1e-4, atol=1e-10)
+    comp, rep = pipeline.run_compression(exp, "gfwsvd", ratio=0.5)
+    comp_ref, rep_ref = pipeline.run_compression(ref, "gfwsvd", ratio=0.5)
+    assert comp.ranks == comp_ref.ranks
+    for a, b in zip(rep["layers"], rep_ref["layers"]):
+        assert a["exact_quadratic"] == pytest.approx(b["exact_quadratic"], rel=1e-4, abs=1e-12)
+        assert "fisher_alignment" not in a and "fisher_alignment" in b  # it needs the statistics
+    assert rep["stages"]["statistics"]["streamed_groups"] == len(plan.groups)
+    # a method that was not streamed cannot be decomposed afterwards
+    with pytest.raises(ConfigurationError, match="collect them again"):
+        pipeline.decompositions(exp, "kfac")
+    with pytest.raises(ConfigurationError, match="cannot stream"):
+        pipeline.collect_streamed(exp, ["auto"], plan.groups)
+
+
+def test_cli_streams_under_a_small_budget(tmp_path):
+    """compress --max-memory below what keeping every layer's statistics needs: the CLI streams,
+    the run completes and its export reloads; the kept run's export gives the same weights."""
+    from gfwsvd_core import pipeline
+    from gfwsvd_core.io import load_compressed
+
+    folder = tiny_models.save_tiny(tiny_models.tiny_llama(hidden=128), tmp_path / "llama")
+    small = ["--samples", "16", "--eval-samples", "4", "--max-length", "32", "--batch-size", "2", "--device", "cpu"]
+    exp = pipeline.prepare(model=str(folder), samples=16, eval_samples=4, max_length=32, batch_size=2, device="cpu")
+    _, least = _stream_budget(exp, ["gfwsvd"])
+    outs = {}
+    for tag, budget in (("streamed", least), ("kept", 10**12)):
+        o, e = io.StringIO(), io.StringIO()
+        with redirect_stdout(o), redirect_stderr(e):
+            code = main(["compress", "--model", str(folder), *small, "--method", "gfwsvd", "--ratio", "0.5",
+                         "--quiet", "--max-memory", str(budget), "--out", str(tmp_path / tag),
+                         "--report", str(tmp_path / f"{tag}.json")])
+        assert code == 0, e.getvalue()
+        outs[tag] = load_compressed(tmp_path / tag).state_dict()
+        rep = json.loads((tmp_path / f"{tag}.json").read_text())
+        assert ("streamed_groups" in rep["stages"]["statistics"]) == (tag == "streamed")
+    for k, v in outs["kept"].items():
+        torch.testing.assert_close(outs["streamed"][k], v, rtol=1e-3, atol=1e-5, msg=k)
+
+
+def test_streamed_run_stays_under_its_budget(tmp_path, mid_model):
+    """At the streamed minimum, the run's measured peak growth stays under the budget's share
+    (x1.5 plus 64 MiB of allocator, library and interpreter noise, as above) and under what
+    keeping every layer's statistics would need: streaming is what made it fit."""
+    from gfwsvd_core import pipeline
+    from gfwsvd_core.plan import plan_experiment
+
+    folder = tiny_models.save_tiny(mid_model, tmp_path / "mid")
+    exp = pipeline.prepare(model=str(folder), samples=32, eval_samples=2, max_length=64, batch_size=1, device="cpu")
+    free, least = _stream_budget(exp, ["gfwsvd"])
+    plan = plan_experiment(exp, least, ["gfwsvd"])
+    assert plan.stream and len(plan.groups) > 1
+    gc.collect()
+    pipeline.collect_streamed(exp, ["gfwsvd"], plan.groups)
+    measured = exp.stages["statistics"]["cpu_peak_extra_mb"] * MiB
+    share = least - plan.model_bytes
+    assert measured <= 1.5 * share + 64 * MiB, (measured / MiB, share / MiB)
+    assert measured < free.minimum_keep_bytes - plan.model_bytes, (measured / MiB, free.minimum_keep_bytes / MiB)
