@@ -431,8 +431,7 @@ def make_plan(model_or_config: Any, num_samples: int, max_length: int, device: s
     minimum_keep = model_bytes + max(total_kept + min_room, factors_peak(True), lean_kept + comp_bytes)
     # streamed: one group's statistics (and its pass's transient, or one of its layers' solve) on top
     # of every lean decomposition (the last group's worst case); nothing else accumulates
-    minimum_stream = model_bytes + all_lean + max(
-        [comp_bytes] + [lp.stats_bytes + max(lp.samples_bytes, act, solve_need[lp.name]) for lp in lps])
+    minimum_stream = model_bytes + all_lean + max([comp_bytes] + [_group_need([lp], act, solve_need) for lp in lps])
     stream = bool(budget is not None and streamable and lps and minimum_keep > budget >= minimum_stream)
 
     groups, collect_budget = [list(sizes)], None
@@ -521,18 +520,19 @@ def _streamable(methods: Sequence[Any]) -> bool:
                    for m in methods)
 
 
+def _group_need(g: Sequence[LayerPlan], act: int, solve_need: dict) -> int:
+    """A streamed group's peak: its statistics plus the larger of its pass's transient (a batch's
+    activations or the finishing copy of its samples) and its largest solve."""
+    return (sum(lp.stats_bytes for lp in g)
+            + max(act, sum(lp.samples_bytes for lp in g), max(solve_need[lp.name] for lp in g)))
+
+
 def _stream_groups(lps: Sequence[LayerPlan], act: int, solve_need: dict, room: int) -> list[list[str]]:
-    """Consecutive layer groups for a streamed run: a group's statistics plus the larger of its pass's
-    transient (a batch's activations or the finishing copy of its samples) and its largest solve fit ``room``."""
+    """Consecutive layer groups for a streamed run, each one's :func:`_group_need` within ``room``."""
     groups: list[list[str]] = []
     cur: list[LayerPlan] = []
-
-    def need(g: list[LayerPlan]) -> int:
-        return (sum(lp.stats_bytes for lp in g)
-                + max(act, sum(lp.samples_bytes for lp in g), max(solve_need[lp.name] for lp in g)))
-
     for lp in lps:
-        if cur and need(cur + [lp]) > room:
+        if cur and _group_need(cur + [lp], act, solve_need) > room:
             groups.append([x.name for x in cur])
             cur = []
         cur.append(lp)
