@@ -47,6 +47,24 @@ def half_tril(B: torch.Tensor) -> torch.Tensor:
     return L
 
 
+def tril_matmul(L: torch.Tensor, M: torch.Tensor, nb: int = 0) -> torch.Tensor:
+    """``L @ M`` for a lower-triangular ``L`` (m x m; M m x N), skipping the zero upper blocks.
+
+    Row block i of ``L`` is zero right of its diagonal block, so it only meets the first rows
+    of ``M``: with four blocks 0.62x the flops of a full GEMM.
+    """
+    m = L.shape[0]
+    nb = nb or _blocks(m)
+    if nb == 1:
+        return L @ M
+    out = M.new_empty(m, M.shape[1])
+    edges = [m * i // nb for i in range(nb + 1)]
+    for i in range(nb):
+        lo, hi = edges[i], edges[i + 1]
+        torch.matmul(L[lo:hi, :hi], M[:hi], out=out[lo:hi])
+    return out
+
+
 def matmul_tril(M: torch.Tensor, L: torch.Tensor, nb: int = 0) -> torch.Tensor:
     """``M @ L`` for a lower-triangular ``L`` (m x m; M N x m), skipping the zero upper blocks.
 

@@ -28,7 +28,7 @@ def test_symmetric_product_matches_full(m):
 @pytest.mark.parametrize("m", [7, 255, 256, 1030])
 @pytest.mark.parametrize("nb", [0, 1, 3, 4])  # the size rule, and explicit (uneven) block counts
 def test_half_triangle_product_matches_full(m, nb):
-    from gfwsvd_core.gram import half_tril, matmul_tril
+    from gfwsvd_core.gram import half_tril, matmul_tril, tril_matmul
 
     g = torch.Generator().manual_seed(m + nb)
     B = torch.randn(m, m, generator=g, dtype=torch.float64)
@@ -37,6 +37,7 @@ def test_half_triangle_product_matches_full(m, nb):
     assert torch.equal(L, torch.tril(L)) and torch.equal(L + L.T, B)
     M = torch.randn(29, m, generator=g, dtype=torch.float64)
     torch.testing.assert_close(matmul_tril(M, L, nb), M @ torch.tril(L), rtol=1e-12, atol=1e-12 * m)
+    torch.testing.assert_close(tril_matmul(L, M.T, nb), torch.tril(L) @ M.T, rtol=1e-12, atol=1e-12 * m)
     # the half triangle is all a congruence needs: M L M^T + (M L M^T)^T = M B M^T
     P = matmul_tril(M, L, nb) @ M.T
     torch.testing.assert_close(P + P.T, M @ B @ M.T, rtol=1e-10, atol=1e-10 * m)

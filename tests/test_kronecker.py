@@ -153,16 +153,17 @@ def test_fisher_norm_estimate_for_many_samples(monkeypatch):
     assert exact.fisher_norm == pytest.approx(float(torch.linalg.norm(full_fisher(G))), rel=1e-8)
 
 
-@pytest.mark.parametrize("m", [7, 300, 1030])  # 1, 2 and 4 symmetric row blocks
+# 1, 2 and 4 symmetric row blocks on either side: tall layers (m > n) and wide ones (n > m)
+@pytest.mark.parametrize("m,n", [(7, 9), (300, 9), (1030, 9), (9, 300), (9, 1030)])
 @pytest.mark.parametrize("form", ["materialized", "factored"])
 @pytest.mark.parametrize("chunk_bytes", [None, 1])  # one chunk, or one sample per chunk
-def test_maps_match_brute_force(m, form, chunk_bytes, monkeypatch):
+def test_maps_match_brute_force(m, n, form, chunk_bytes, monkeypatch):
     from gfwsvd_core.fisher import kronecker as kr
 
     if chunk_bytes is not None:
         monkeypatch.setattr(kr, "CHUNK_BYTES", chunk_bytes)
-    g = torch.Generator().manual_seed(m)
-    K, T, n = 5, 4, 9
+    g = torch.Generator().manual_seed(m + n)
+    K, T = 5, 4
     X = torch.randn(K, T, n, generator=g, dtype=torch.float64)
     D = torch.randn(K, T, m, generator=g, dtype=torch.float64)
     G = torch.bmm(D.transpose(1, 2), X)
@@ -179,3 +180,41 @@ def test_maps_match_brute_force(m, form, chunk_bytes, monkeypatch):
     if form == "factored":  # by its triangle plus transpose: exactly symmetric
         assert torch.equal(S.in_map(B), S.in_map(B).T)
     assert S.fisher_norm_sq() == pytest.approx(float(torch.linalg.norm(full_fisher(G)) ** 2), rel=1e-10)
+
+
+@pytest.mark.parametrize("d", [5, 300])
+def test_psd_projection_clips_exactly_the_negative_eigenvalues(d):
+    """Against a full float64 eigendecomposition: the projection, and the clipped mass."""
+    from gfwsvd_core.fisher.kronecker import _psd_projection
+
+    g = torch.Generator().manual_seed(d)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    ev = torch.logspace(0, -6, d, dtype=torch.float64)
+    ev[-(d // 5 + 1):] *= -1e-3  # a tail of small negative eigenvalues, as float32 rounding leaves
+    M = (Q * ev) @ Q.T
+    P, clipped = _psd_projection(M)
+    w, V = torch.linalg.eigh(0.5 * (M + M.T))
+    expect = (V * w.clamp(min=0)) @ V.T
+    torch.testing.assert_close(P, expect, rtol=0, atol=1e-12)
+    assert clipped == pytest.approx(float(-w.clamp(max=0).sum() / w.abs().sum()), rel=1e-9)
+    assert torch.linalg.eigvalsh(P).min() > -1e-14
+    # a PSD matrix passes untouched and reports nothing clipped
+    P2, c2 = _psd_projection(expect + 1e-3 * torch.eye(d, dtype=torch.float64))
+    assert c2 == 0.0 and torch.equal(P2, 0.5 * (P2 + P2.T))
+
+
+def test_float32_solve_clips_almost_nothing_and_keeps_the_requested_damping():
+    """A float32 Krylov solve on a wide-spectrum layer: any clipped mass is rounding-sized, and the
+    factors' Cholesky roots succeed at the method's damping (no escalation)."""
+    from gfwsvd_core.fisher.psd import root
+
+    g = torch.Generator().manual_seed(7)
+    K, T, n, m = 8, 24, 40, 300
+    X = torch.randn(K, T, n, generator=g) * torch.logspace(0, -3, n)
+    D = torch.randn(K, T, m, generator=g) * torch.logspace(0, -3, m)
+    res = nearest_kronecker(torch.bmm(D.transpose(1, 2), X), tol=1e-6, refine=0)
+    assert res.psd_clipped < 1e-6
+    for M in (res.A, res.B):
+        assert torch.linalg.eigvalsh(M).min() >= -1e-12 * float(torch.linalg.eigvalsh(M).max())
+        r = root(M, damping=1e-6)
+        assert r.damping == r.requested == 1e-6 and not r.fell_back

@@ -22,7 +22,7 @@ once that bound is at most ``tol``. Power iteration (ALS) contracts the error by
 gap of 0.8 needs ~10 steps instead of ~30, and ``sigma_2`` comes for free.
 
 The bases are kept in float64 (the maps may run in float32) with full reorthogonalisation
-(classical Gram-Schmidt, twice). When they would exceed ``basis_bytes`` the solver restarts from
+(classical Gram-Schmidt, repeated when the DGKS test asks). When they would exceed ``basis_bytes`` the solver restarts from
 the current best left vector, which keeps memory bounded for wide layers.
 """
 
@@ -84,11 +84,15 @@ class _Basis(list):
 
 
 def _orthonormalise(w: torch.Tensor, basis: "_Basis") -> tuple[torch.Tensor, float]:
-    """``w`` minus its projection on ``basis`` (twice, for orthogonality at rounding level), normalised."""
+    """``w`` minus its projection on ``basis``, normalised. A second projection runs only when the
+    first removed most of ``w`` (the DGKS test: the norm fell below 1/sqrt(2) of what it was),
+    which is when the first leaves rounding-level components along the basis."""
     flat = w.reshape(-1)
     if len(basis):
         Q = basis.rows()  # (j, N) float64
-        for _ in range(2):
+        before = float(torch.linalg.vector_norm(flat))
+        flat = flat - Q.T @ (Q @ flat)
+        if float(torch.linalg.vector_norm(flat)) < before / math.sqrt(2):
             flat = flat - Q.T @ (Q @ flat)
     nrm = float(torch.linalg.vector_norm(flat))
     flat = flat / nrm if nrm > 0 else flat
