@@ -46,6 +46,45 @@ def main():
             print(json.dumps({"gfwsvd_layers": {k: {f: v.get(f) for f in ("sweeps", "refine_steps", "eta", "gap", "seconds")}
                                                 for k, v in diag.items()},
                               "steps_total": sum(v.get("sweeps") or 0 for v in diag.values())}, default=str), flush=True)
+            print(json.dumps(map_floor(exp, decs, sec)), flush=True)
+
+
+def map_floor(exp, decs, factors_s: float) -> dict:
+    """How much of GFWSVD's time is the Krylov maps themselves: one map pair timed per layer shape
+    (best of 3) times the steps each layer took, its flops, and this machine's float32 GEMM rate."""
+    from gfwsvd_core.fisher.kronecker import _as_samples
+    from gfwsvd_core.statistics import map_pair_flops
+
+    pair_s, flops, maps_s = {}, 0.0, 0.0
+    for name, d in decs.items():
+        st = exp.stats[name]
+        shape = (st.out_features, st.in_features, st.storage)
+        if shape not in pair_s:
+            S, _ = _as_samples(st)
+            A = torch.eye(S.n, dtype=S.dtype)
+            B = torch.eye(S.m, dtype=S.dtype)
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                S.in_map(S.out_map(A) + B)
+                best = min(best, time.perf_counter() - t0)
+            pair_s[shape] = best
+        steps = d.weights.info["kronecker"]["sweeps"] if d.weights is not None else None
+        steps = steps or 0
+        T = 1 if st.storage == "materialized" else st.X.shape[1]
+        flops += steps * st.num_samples * map_pair_flops(st.out_features, st.in_features, T, st.storage)
+        maps_s += steps * pair_s[shape]
+    a = torch.randn(2048, 2048)
+    a @ a
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    gemm = 2 * 2048**3 / best
+    return {"maps_seconds_at_these_steps": round(maps_s, 2), "share_of_factors": round(maps_s / factors_s, 3),
+            "map_gflop": round(flops / 1e9, 1), "maps_gflops_per_s": round(flops / maps_s / 1e9, 1),
+            "gemm_2048_gflops_per_s": round(gemm / 1e9, 1)}
 
 if __name__ == "__main__":
     main()

@@ -169,15 +169,19 @@ def extrapolate(samples: int, length: int, batch: int) -> None:
         counts = {}
         for lp in p.layers:
             counts[lp.storage] = counts.get(lp.storage, 0) + 1
-        passes = []
+        passes, host_note = [], []
         for gb in (24, 80):
             q = make_plan(cfg, samples, length, "cuda", gb * 10**9, ["gfwsvd"], dtype=torch.bfloat16, batch_size=batch)
-            passes.append(f"{len(q.groups)}{'s' if q.stream else ''}" if q.fits else "-")
+            passes.append(f"{len(q.groups)}{'s' if q.stream else ''}{'o' if q.offload else ''}" if q.fits else "-")
+            if q.fits and q.offload:
+                host_note.append(f"{gb} GB: decompositions offloaded, host {fmt_bytes(q.peak_host)}")
         fit = [_largest_fitting(cfg, length, batch, gb * 10**9, s) for gb in (24, 80) for s in (False, True)]
         print(f"{label:<26} {fmt_bytes(p.model_bytes):>9} {fmt_bytes(kept):>11} {fmt_bytes(p.minimum_keep_bytes):>10} "
               f"{fmt_bytes(p.minimum_bytes):>10} {st['statistics'].seconds:>8.0f} {st['factors'].seconds:>10.0f}  "
-              f"{' / '.join(passes):>16}  {fit[0]:>8} / {fit[1]:<6}; {fit[2]:>6} / {fit[3]:<8}  {counts}")
-    print("(passes: 's' = streamed; seconds at this CPU's matmul rate; a GPU's is ~50-100x higher)")
+              f"{' / '.join(passes):>16}  {fit[0]:>8} / {fit[1]:<6}; {fit[2]:>6} / {fit[3]:<8}  {counts}"
+              + (f"  [{'; '.join(host_note)}]" if host_note else ""))
+    print("(passes: 's' = streamed, 'o' = lean decompositions offloaded to host memory; seconds at this CPU's "
+          "matmul rate; a GPU's is ~50-100x higher)")
 
 
 def main(argv=None) -> int:

@@ -72,12 +72,15 @@ def decompose_layers(
     progress: Any = None,
     cancel: Any = None,
     lean: bool = False,
+    offload: bool = False,
 ) -> dict[str, LayerDecomposition]:
     """Weighted decomposition of each layer (all layers with statistics unless ``layers``).
 
     ``lean``: drop each layer's weights (e.g. GFWSVD's float64 Kronecker factors, m^2 + n^2) as
     soon as its SVD is taken, keeping only what truncation needs (see :func:`drop_weights`); for
-    models whose caches would not fit the memory budget (``gfwsvd_core.plan``)."""
+    models whose caches would not fit the memory budget (``gfwsvd_core.plan``). ``offload``: also
+    move each finished (lean) decomposition to host memory (:func:`offload_decomposition`), so the
+    accelerator holds one layer's solve at a time."""
     method = get_method(method) if not isinstance(method, Method) else method
     names = list(stats) if layers is None else list(layers)
     missing = [n for n in names if n not in stats]
@@ -103,8 +106,10 @@ def decompose_layers(
         w = method.weights(stats[name])
         if shard is None:
             out[name] = _finished(model, stats[name], method, *_solve(model.get_submodule(name), w), t0)
-            if lean:
+            if lean or offload:
                 drop_weights(out[name])
+            if offload:
+                offload_decomposition(out[name])
             del w  # lean: nothing else holds this layer's factors now
             if progress:
                 progress(i + 1, len(names), f"{method.label}: {name}")
@@ -118,8 +123,10 @@ def decompose_layers(
     for i, name in enumerate(names):  # the yardstick curves read every rank's samples: all ranks, in order
         dec, w, seconds = solved[name]
         out[name] = _finished(model, stats[name], method, dec, w, time.perf_counter() - seconds)
-        if lean:
+        if lean or offload:
             drop_weights(out[name])
+        if offload:
+            offload_decomposition(out[name])
         if progress:
             progress(i + 1, len(names), f"{method.label}: {name}")
     return out
@@ -132,6 +139,21 @@ def drop_weights(dec: LayerDecomposition) -> LayerDecomposition:
     for rt in (dec.decomposition.left, dec.decomposition.right):
         if rt is not None and hasattr(rt, "_weight"):
             rt._weight = None
+    return dec
+
+
+def offload_decomposition(dec: LayerDecomposition, device="cpu") -> LayerDecomposition:
+    """Move a (lean) decomposition's tensors - the truncation's factors and singular values, its
+    curves - to ``device`` (host memory by default), in place; compression moves the kept ranks
+    back to each layer's device."""
+    move = getattr(dec.decomposition, "to_", None)
+    if move is None:
+        raise ValueError(f"{dec.method} decompositions cannot be offloaded")
+    move(device)
+    for key in ("exact_curve", "allocation_curve"):
+        t = getattr(dec, key)
+        if isinstance(t, torch.Tensor):
+            setattr(dec, key, t.to(device))
     return dec
 
 

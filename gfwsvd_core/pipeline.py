@@ -72,6 +72,9 @@ class Experiment:
     #: decompose with ``lean=True`` (weights dropped per layer): set from a memory plan that says the
     #: caches do not fit (``gfwsvd_core.plan``)
     lean: bool = False
+    #: move each lean decomposition to host memory once solved (a plan for an accelerator whose
+    #: budget cannot hold every layer's decomposition sets it; see ``offload_decomposition``)
+    offload: bool = False
     #: the layer groups of a streamed collection (:func:`collect_streamed`): their statistics were
     #: consumed and freed, ``stats`` holds counts only; None after a plain :func:`collect`
     streamed: Optional[list[list[str]]] = None
@@ -123,7 +126,7 @@ class Experiment:
         reload gives the same figure)."""
         if self._time_estimate is None:
             from .layers import weight_shape
-            from .stats import choose_storage, map_flops
+            from .statistics import choose_storage, map_pair_flops
 
             batches = self.calib_batches
             kinds = required_kinds(["gfwsvd", "fwsvd", "kfac", "svd"])
@@ -157,7 +160,7 @@ class Experiment:
             flops = 0.0
             for name in self.layers:
                 m, n = weight_shape(self.model.get_submodule(name))
-                maps = 2 * KRYLOV_STEPS * K * map_flops(m, n, T, choose_storage(m, n, T)) * SYMMETRIC_SAVING
+                maps = KRYLOV_STEPS * K * map_pair_flops(m, n, T, choose_storage(m, n, T))
                 flops += maps + EIGH_FLOPS * (m**3 + n**3)
             self._time_estimate = {"statistics": per_batch * len(batches), "kronecker": flops / rate}
         return self._time_estimate
@@ -365,9 +368,6 @@ def collect_streamed(exp: Experiment, methods: Sequence[Any], groups: Sequence[S
         raise ConfigurationError(f"{', '.join(bad)} cannot stream statistics (a sequential method collects its own "
                                  "block by block, auto chooses on held-out folds of all of them): give a larger "
                                  "--max-memory or another method")
-    if distributed.current() is not None:
-        raise ConfigurationError("streamed statistics (a --max-memory below what keeping every layer's statistics "
-                                 "needs) do not run under torchrun yet; run in one process or raise --max-memory")
     names = [n for g in groups for n in g]
     unknown = sorted(set(names) - set(exp.layers))
     if unknown or len(set(names)) != len(names) or not names:
@@ -484,7 +484,8 @@ def decompositions(exp: Experiment, method: Any, progress: Any = None, cancel: A
             f"method {m.name} needs statistics {missing}; collect them again including this method")
     if key not in exp.decompositions:
         with measure(exp.model.device) as rec:
-            decs = decompose_layers(exp.model, exp.stats, m, progress=progress, cancel=cancel, lean=exp.lean)
+            decs = decompose_layers(exp.model, exp.stats, m, progress=progress, cancel=cancel, lean=exp.lean,
+                                    offload=exp.offload)
         exp.decompositions[key] = decs
         _record(exp, f"decompose:{key}", rec, run)
     elif run is not None:
@@ -638,11 +639,10 @@ FIDELITY_FLAG = 0.9
 
 
 #: the time estimate's model of a Kronecker solve: Krylov steps per layer (6-10 measured on the
-#: default), the share of a map's flops left by the symmetric products, and flops per m^3 of
-#: the PSD projection's float64 eigendecomposition, in float32-matmul equivalents
+#: default; each step's flops from ``statistics.map_pair_flops``) and flops per m^3 of the PSD
+#: projection's float64 negative eigenpairs, in float32-matmul equivalents
 KRYLOV_STEPS = 8
-SYMMETRIC_SAVING = 0.8
-EIGH_FLOPS = 25.0
+EIGH_FLOPS = 10.0
 
 #: predicted and measured loss increases that differ by more than this factor get a warning
 AGREEMENT_FACTOR = 3.0

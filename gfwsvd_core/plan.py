@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigurationError
-from .statistics import choose_storage, expand_kinds, map_flops
+from .statistics import choose_storage, expand_kinds, map_pair_flops
 
 F32, F64 = 4, 8
 #: logits-sized float32 tensors alive at the backward's peak: cross-entropy's saved log-softmax
@@ -44,12 +44,13 @@ ACT_HIDDEN, ACT_KV, ACT_INTER = 13, 6, 5
 #: Krylov map pairs per layer assumed by the plan (the solver stops by its own bound; 6-11 on
 #: the embedded default, reported per layer in the decomposition diagnostics)
 KRYLOV_STEPS = 8
-#: share of a Kronecker map's flops left by its symmetric (block-triangular) products
-SYMMETRIC_SAVING = 0.8
 #: cost of LAPACK's thin float64 SVD of an m x n matrix (m >= n), ``SVD_MN2 m n^2 + SVD_N3 n^3``,
 #: of a symmetric eigendecomposition ``EIGH_D3 d^3`` and of a Cholesky ``CHOL_D3 d^3``, in flops
 #: of a float64 matmul (measured here on 4864x896, 2048^2, 896^2 and 2048^2; MKL, 2 threads)
 SVD_MN2, SVD_N3, EIGH_D3, CHOL_D3 = 11.5, 23.0, 15.6, 0.6
+#: the PSD projection's eigenpairs of the negative eigenvalues only (LAPACK MRRR on a subset):
+#: 0.4x a full eigendecomposition, measured at d = 1536
+EIGH_NEG_D3 = 0.4 * EIGH_D3
 #: bytes per second the export writes (safetensors streams the tensors: no copy in memory); the
 #: reload memory-maps the file, so it costs little time and no resident memory until the weights
 #: are used (measured here: 0.45 GB/s written, reload 0.1 s for 0.6 GB)
@@ -142,6 +143,9 @@ class Plan:
     stream: bool = False
     #: the smallest budget when every layer's statistics are kept to the end (no streaming)
     minimum_keep_bytes: int = 0
+    #: streamed on an accelerator whose budget cannot also hold every layer's lean decomposition:
+    #: each is moved to host memory once solved (the host then holds them all)
+    offload: bool = False
 
     @property
     def peak_host(self) -> int:
@@ -192,6 +196,7 @@ class Plan:
                  f"model {fmt_bytes(self.model_bytes)}; {len(self.groups)} pass(es) over the data; "
                  f"decompositions {'lean (factors dropped per layer)' if self.lean else 'cached'}; "
                  + ("statistics streamed (each group freed after its decompositions); " if self.stream else "")
+                 + ("decompositions offloaded to host memory; " if self.offload else "")
                  + f"smallest budget {fmt_bytes(self.minimum_bytes)}"
                  + ("" if self.fits else "  ** DOES NOT FIT **"),
                  f"{'stage':<11} {'host peak':>11} {'device peak':>12} {'seconds':>9}  note"]
@@ -432,11 +437,17 @@ def make_plan(model_or_config: Any, num_samples: int, max_length: int, device: s
     # streamed: one group's statistics (and its pass's transient, or one of its layers' solve) on top
     # of every lean decomposition (the last group's worst case); nothing else accumulates
     minimum_stream = model_bytes + all_lean + max([comp_bytes] + [_group_need([lp], act, solve_need) for lp in lps])
-    stream = bool(budget is not None and streamable and lps and minimum_keep > budget >= minimum_stream)
+    # on an accelerator the lean decompositions can wait in host memory instead (offloaded)
+    offloadable = streamable and bool(lps) and device != "cpu"
+    minimum_offload = minimum_stream - all_lean if offloadable else None
+    stream = bool(budget is not None and streamable and lps and minimum_keep > budget
+                  and budget >= (minimum_offload if offloadable else minimum_stream))
+    offload = bool(stream and offloadable and budget < minimum_stream)
+    dev_lean = 0 if offload else all_lean  # lean decompositions on the device
 
     groups, collect_budget = [list(sizes)], None
     if stream:
-        groups = _stream_groups(lps, act, solve_need, budget - model_bytes - all_lean)
+        groups = _stream_groups(lps, act, solve_need, budget - model_bytes - dev_lean)
     elif budget is not None and needs_samples:
         room = budget - model_bytes - total_kept  # for the larger of a pass's finishing copy and a batch
         if max(largest, act) <= room < total_samples:
@@ -465,8 +476,10 @@ def make_plan(model_or_config: Any, num_samples: int, max_length: int, device: s
         pass_peak = max(sum(by_name[n_].stats_bytes for n_ in g)
                         + max(act, sum(by_name[n_].samples_bytes for n_ in g)) for g in groups)
         solve_peak = max(sum(by_name[n_].stats_bytes for n_ in g) + max(solve_need[n_] for n_ in g) for g in groups)
-        stats_peak, fac_peak, kept_after_factors = all_lean + pass_peak, all_lean + solve_peak, all_lean
+        stats_peak, fac_peak, kept_after_factors = dev_lean + pass_peak, dev_lean + solve_peak, dev_lean
         stats_note = f"{len(groups)} pass(es), streamed: each group's statistics freed after its decompositions"
+        if offload:
+            stats_note += f"; decompositions ({fmt_bytes(all_lean)}) offloaded to host memory"
     else:
         group_max = max(sum(by_name[n_].samples_bytes for n_ in g) for g in groups) if lps else 0
         stats_peak = total_kept + max(group_max, act)
@@ -478,20 +491,22 @@ def make_plan(model_or_config: Any, num_samples: int, max_length: int, device: s
     dense_layers = sum(lp.shape[0] * lp.shape[1] for lp in lps)
     compressed_model = model_bytes - dense_layers * itemsize + comp_bytes
     on_cpu = device == "cpu"
+    host_lean = all_lean if offload else 0  # offloaded decompositions: in host memory by the end
     stages = [
-        StagePlan("statistics", stats_peak if on_cpu else 0, 0 if on_cpu else model_bytes + stats_peak, stats_s,
-                  stats_note),
-        StagePlan("factors", fac_peak if on_cpu else 0, 0 if on_cpu else model_bytes + fac_peak, fac_s,
+        StagePlan("statistics", stats_peak if on_cpu else host_lean, 0 if on_cpu else model_bytes + stats_peak,
+                  stats_s, stats_note),
+        StagePlan("factors", fac_peak if on_cpu else host_lean, 0 if on_cpu else model_bytes + fac_peak, fac_s,
                   ("GFWSVD Kronecker factors + " if gfwsvd else "") + "weighted SVD, one layer at a time"),
-        StagePlan("compress", kept_after_factors + comp_bytes if on_cpu else comp_bytes,
+        StagePlan("compress", kept_after_factors + comp_bytes if on_cpu else comp_bytes + host_lean,
                   0 if on_cpu else model_bytes + kept_after_factors + comp_bytes, 0.0,
                   f"low-rank factors {fmt_bytes(comp_bytes)} at ratio {ratio:g}"),
-        StagePlan("export", kept_after_factors + comp_bytes, 0, compressed_model / WRITE_RATE,
+        StagePlan("export", kept_after_factors + comp_bytes + host_lean, 0, compressed_model / WRITE_RATE,
                   "safetensors of the compressed model, streamed from its tensors"),
-        StagePlan("reload", kept_after_factors + comp_bytes, 0, RELOAD_SECONDS,
+        StagePlan("reload", kept_after_factors + comp_bytes + host_lean, 0, RELOAD_SECONDS,
                   "load_compressed: memory-mapped, resident once used"),
     ]
-    minimum = min(minimum_keep, minimum_stream) if streamable else minimum_keep
+    minimum = min([minimum_keep, minimum_stream] + ([minimum_offload] if offloadable else [])) if streamable \
+        else minimum_keep
     notes = []
     if not needs_samples:
         notes.append("no method needs per-sample gradients: every layer is streamed (only moments are kept); "
@@ -499,6 +514,9 @@ def make_plan(model_or_config: Any, num_samples: int, max_length: int, device: s
     if stream:
         notes.append(f"keeping every layer's statistics needs {fmt_bytes(minimum_keep)}: the run is streamed, "
                      f"{len(groups)} group(s) each collected, decomposed and freed (time x{len(groups)} passes)")
+        if offload:
+            notes.append(f"every layer's lean decomposition ({fmt_bytes(all_lean)}) does not fit beside a group on "
+                         f"the device: each is moved to host memory once solved (host needs {fmt_bytes(all_lean)})")
     elif len(groups) > 1:
         notes.append(f"{len(groups)} groups of layers: one pass over the calibration data each (time x{len(groups)})")
     if lean:
@@ -507,7 +525,7 @@ def make_plan(model_or_config: Any, num_samples: int, max_length: int, device: s
         notes.append("sequential and composite (auto) methods cannot stream their statistics")
     return Plan(name, num_samples, max_length, batch_size, str(device), budget, [str(m) for m in methods], kinds,
                 unit, K, T, int(model_bytes), int(act), lps, groups, collect_budget, lean, stages, int(minimum),
-                rate32, rate64, notes, stream, int(minimum_keep))
+                rate32, rate64, notes, stream, int(minimum_keep), offload)
 
 
 def _streamable(methods: Sequence[Any]) -> bool:
@@ -582,7 +600,7 @@ def _kronecker_cost(m: int, n: int, K: int, T: int, storage: str) -> tuple[float
     """(float32 flops, float64 flops, peak temporary bytes) of one layer's nearest Kronecker product."""
     from .fisher.kronecker import CHUNK_BYTES
 
-    maps = 2 * KRYLOV_STEPS * K * map_flops(m, n, T, storage) * SYMMETRIC_SAVING
+    maps = KRYLOV_STEPS * K * map_pair_flops(m, n, T, storage)
     # orthonormalisation (twice) against the bases, float64
     ortho = 4.0 * KRYLOV_STEPS * KRYLOV_STEPS * (m * m + n * n)
     # ||F||: the cheaper of the factored T x T route and the materialised Gram (as the solver picks)
@@ -603,9 +621,9 @@ def _kronecker_cost(m: int, n: int, K: int, T: int, storage: str) -> tuple[float
     per = T * (2 * m + 2 * n + 2 * T) if storage == "factored" else 3 * m * n
     map_tmp = min(CHUNK_BYTES, max(1, CHUNK_BYTES // (F32 * per)) * per * F32, K * per * F32)
     # the PSD check: a Cholesky of each factor; a factor of more rows than the K T sample tokens
-    # that span it is rank-deficient, float32 rounding leaves it indefinite, and it is eigendecomposed
-    # (then rebuilt from its clipped eigenpairs: one more d x d x d product, 2 d^3)
-    psd = sum(CHOL_D3 * d**3 + ((EIGH_D3 + 2.0) * d**3 if d > K * T else 0.0) for d in (m, n))
+    # that span it is rank-deficient, float32 rounding leaves it indefinite, and its negative
+    # eigenpairs are computed and removed
+    psd = sum(CHOL_D3 * d**3 + (EIGH_NEG_D3 * d**3 if d > K * T else 0.0) for d in (m, n))
     relaid = K * m * n * F32 if storage == "materialized" else 0  # the solver's (m, c, n) copy of G
     # phases, one after the other: the Krylov solve (bases, a map's chunk, its float64 in/out
     # matrices), the PSD projection (the symmetrised float64 factor, its shifted copy or eigenvectors
@@ -635,4 +653,5 @@ def plan_experiment(exp: Any, max_memory: Any, methods: Sequence[Any], extra_kin
                   extra_kinds=kinds, ratio=ratio)
     p.check()
     exp.lean = p.lean
+    exp.offload = p.offload
     return p

@@ -202,6 +202,14 @@ class WeightedDecomposition:
                 info.update({f"{side}_{k}": v for k, v in rt.info().items()})
         return WeightedSVDResult(up, down, self.singular_values.to(self.dtype), self.predicted_loss, rank, info)
 
+    def to_(self, device) -> "WeightedDecomposition":
+        """Move what truncation needs (``S``, the factors) to ``device``, in place. Offloading the
+        decompositions of a large model to host memory keeps only the layer being solved on the
+        accelerator; ``factors(r)`` then returns host tensors, which the replacing layer moves to
+        its own device."""
+        self.S, self._up, self._down = (t.to(device) for t in (self.S, self._up, self._down))
+        return self
+
     def nbytes(self) -> int:
         """Bytes of the tensors this decomposition owns (the weights passed in are the caller's)."""
         return sum(t.numel() * t.element_size() for t in (self.S, self._up, self._down))

@@ -99,3 +99,33 @@ def test_a_single_process_is_not_a_job(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert not distributed.launched()
     assert distributed.init("cpu") is None and distributed.current() is None
+
+
+@pytest.mark.slow
+def test_torchrun_streams_like_one_process(tmp_path):
+    """compress --max-memory at the streamed minimum under torchrun: each group's statistics are
+    collected over both ranks' batches, decomposed together and freed; the export and ranks equal a
+    one-process streamed run's."""
+    from gfwsvd_core import pipeline
+    from gfwsvd_core.cli import main
+    from gfwsvd_core.io import load_compressed
+    from test_plan import _stream_budget
+
+    folder = tiny_models.save_tiny(tiny_models.tiny_llama(hidden=128), tmp_path / "llama")
+    exp = pipeline.prepare(model=str(folder), samples=16, eval_samples=4, max_length=32, batch_size=2, device="cpu")
+    _, least = _stream_budget(exp, ["gfwsvd"])
+    common = ["--model", str(folder), "--samples", "16", "--eval-samples", "4", "--max-length", "32",
+              "--batch-size", "2", "--device", "cpu", "--method", "gfwsvd", "--ratio", "0.5", "--quiet",
+              "--max-memory", str(least)]
+    assert main(["compress", *common, "--out", str(tmp_path / "one"), "--report", str(tmp_path / "one.json")]) == 0
+    proc = _torchrun(["-m", "gfwsvd_core", "compress", *common, "--out", str(tmp_path / "two"),
+                      "--report", str(tmp_path / "two.json")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ra, rb = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
+    groups = rb["stages"]["statistics"]["streamed_groups"]
+    assert groups == ra["stages"]["statistics"]["streamed_groups"] and groups > 1
+    assert [r["rank"] for r in ra["layers"]] == [r["rank"] for r in rb["layers"]]
+    a, b = load_compressed(tmp_path / "one"), load_compressed(tmp_path / "two")
+    for (k, v), (k2, v2) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert k == k2
+        assert _rel(v2, v) < 1e-3, k

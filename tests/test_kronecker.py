@@ -218,3 +218,24 @@ def test_float32_solve_clips_almost_nothing_and_keeps_the_requested_damping():
         assert torch.linalg.eigvalsh(M).min() >= -1e-12 * float(torch.linalg.eigvalsh(M).max())
         r = root(M, damping=1e-6)
         assert r.damping == r.requested == 1e-6 and not r.fell_back
+
+
+@pytest.mark.parametrize("m,n", [(300, 40), (40, 300), (1030, 260), (200, 200)])
+@pytest.mark.parametrize("form", ["materialized", "factored"])
+def test_map_pair_flops_count_what_the_maps_run(m, n, form):
+    """The plan's and the time estimate's flops of one Krylov step equal the matmul flops the two
+    maps run (torch's flop counter), on every branch: tall, wide, square, factored."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gfwsvd_core.fisher import kronecker as kr
+    from gfwsvd_core.statistics import map_pair_flops
+
+    K, T = 3, 7
+    g = torch.Generator().manual_seed(m + n)
+    X, D = torch.randn(K, T, n, generator=g), torch.randn(K, T, m, generator=g)
+    S = kr._Samples(G=torch.bmm(D.transpose(1, 2), X)) if form == "materialized" else kr._Samples(X=X, D=D)
+    A, B = torch.randn(n, n, generator=g), torch.randn(m, m, generator=g)
+    with FlopCounterMode(display=False) as fc:
+        S.out_map(A + A.T)
+        S.in_map(B + B.T)
+    assert fc.get_total_flops() == pytest.approx(K * map_pair_flops(m, n, T, form), rel=0.02)

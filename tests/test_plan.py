@@ -300,3 +300,56 @@ def test_streamed_run_stays_under_its_budget(tmp_path, mid_model):
     share = least - plan.model_bytes
     assert measured <= 1.5 * share + 64 * MiB, (measured / MiB, share / MiB)
     assert measured < free.minimum_keep_bytes - plan.model_bytes, (measured / MiB, free.minimum_keep_bytes / MiB)
+
+
+def test_accelerator_plan_offloads_the_decompositions_when_they_do_not_fit_beside_a_group():
+    """LLaMA-2-7B in bfloat16 on a GPU: streamed, the lean decompositions need more than the budget
+    leaves beside one group, so the plan moves them to host memory (the device then holds the
+    model, one group and one layer's solve), and says so; on the CPU the same budget cannot work."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      vocab_size=32000, architectures=["LlamaForCausalLM"])
+    args = (cfg, 32, 256)
+    kw = dict(methods=["gfwsvd"], dtype=torch.bfloat16, batch_size=8)
+    free = make_plan(*args, "cuda", None, **kw)
+    lean = sum(lp.dec_kept for lp in free.layers)
+    stream_on_device = make_plan(*args, "cuda", free.minimum_keep_bytes - 1, **kw)
+    assert stream_on_device.stream and not stream_on_device.offload  # the decompositions still fit there
+    least = free.minimum_bytes
+    plan = make_plan(*args, "cuda", least, **kw)
+    assert plan.fits and plan.stream and plan.offload and plan.lean
+    assert plan.peak_device <= least < lean + free.model_bytes  # the decompositions alone would not fit
+    assert plan.peak_host >= lean  # they wait in host memory
+    assert "offloaded to host" in plan.table() and any("host memory" in n for n in plan.notes)
+    assert not make_plan(*args, "cpu", least, **kw).fits
+
+
+def test_offloaded_decompositions_truncate_like_kept_ones(tmp_path):
+    """``exp.offload`` (set by such a plan) drops the weights and moves every decomposition to host
+    memory once solved; truncations, curves and the compressed model are unchanged."""
+    from gfwsvd_core import pipeline
+    from gfwsvd_core.compress import offload_decomposition
+
+    folder = tiny_models.save_tiny(tiny_models.tiny_llama(hidden=64), tmp_path / "llama")
+    opts = dict(model=str(folder), samples=8, eval_samples=4, max_length=32, batch_size=2, device="cpu")
+    exp, ref = pipeline.prepare(**opts), pipeline.prepare(**opts)
+    for e in (exp, ref):
+        pipeline.collect(e, ["gfwsvd"])
+    exp.offload = True
+    got, want = pipeline.decompositions(exp, "gfwsvd"), pipeline.decompositions(ref, "gfwsvd")
+    for n, d in got.items():
+        assert d.weights is None and want[n].weights is not None
+        assert d.decomposition._up.device.type == "cpu" and d.exact_curve.device.type == "cpu"
+        r = min(d.shape) // 2
+        assert torch.equal(d.decomposition.reconstruct(r), want[n].decomposition.reconstruct(r))
+        assert torch.equal(d.exact_curve, want[n].exact_curve)
+    comp, _ = pipeline.run_compression(exp, "gfwsvd", ratio=0.5)
+    comp_ref, _ = pipeline.run_compression(ref, "gfwsvd", ratio=0.5)
+    assert comp.ranks == comp_ref.ranks
+    for (k, v), (k2, v2) in zip(comp.model.state_dict().items(), comp_ref.model.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    # a decomposition that cannot move says so
+    bad = type("D", (), {"decomposition": object(), "method": "auto"})()
+    with pytest.raises(ValueError, match="cannot be offloaded"):
+        offload_decomposition(bad)

@@ -13,7 +13,7 @@ from .base import Context, StatKind, get_field, set_field
 from .diagonal import Diagonal
 from .inputs import Inputs
 from .kfac import KFAC
-from .samples import STORAGE_MODES, Samples, choose_storage, map_flops, resolve_storage
+from .samples import STORAGE_MODES, Samples, choose_storage, map_flops, map_pair_flops, resolve_storage
 
 KINDS: dict[str, StatKind] = {}
 
@@ -53,4 +53,4 @@ for _kind in (Samples(), Diagonal(), KFAC(), Inputs()):  # the order of ALL_KIND
     register(_kind)
 
 __all__ = ["KINDS", "STORAGE_MODES", "Context", "StatKind", "choose_storage", "expand_kinds", "get_field",
-           "get_kind", "map_flops", "register", "resolve_storage", "set_field"]
+           "get_kind", "map_flops", "map_pair_flops", "register", "resolve_storage", "set_field"]

@@ -24,6 +24,25 @@ def map_flops(m: int, n: int, T: int, storage: str) -> float:
     return 2.0 * m * n * (m + n)
 
 
+def map_pair_flops(m: int, n: int, T: int, storage: str) -> float:
+    """Flops per sample of one Krylov step (``E[G A G^T]`` and ``E[G^T B G]``) as
+    :class:`gfwsvd_core.fisher.kronecker._Samples` computes them: the products on the larger side
+    by block triangles (a share ``(b + 1) / 2b`` of a GEMM with b blocks, see ``gfwsvd_core.gram``)."""
+    from ..gram import _blocks
+
+    def tri(d: int) -> float:  # share of a GEMM left by a d x d block triangle
+        b = _blocks(d)
+        return (b + 1) / (2 * b)
+
+    if storage == "factored":
+        # out: X A, (X A) X^T, S D, D^T (S D) by its upper triangle; in: D L (triangle), (D L) D^T, S X, X^T S X
+        return 2.0 * (2 * T * n * n + 2 * T * T * (m + n) + 2 * tri(m) * T * m * m)
+    wide, tall = n > m and _blocks(n) > 1, m > n and _blocks(m) > 1
+    out = (tri(n) * m * n * n + m * m * n) if wide else (m * n * n + tri(m) * m * m * n)
+    inn = (tri(m) * m * m * n + m * n * n) if tall else (m * m * n + tri(n) * m * n * n)
+    return 2.0 * (out + inn)
+
+
 def choose_storage(m: int, n: int, T: int) -> str:
     """Factored when its map is cheaper in flops than the materialised one (per layer)."""
     return "factored" if map_flops(m, n, T, "factored") < map_flops(m, n, T, "materialized") else "materialized"
