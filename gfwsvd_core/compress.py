@@ -239,8 +239,8 @@ def _method_warnings(info: Mapping[str, Any]) -> list[str]:
             out.append(f"the Kronecker factors did not converge in {kron.get('sweeps')} steps "
                        f"(bound {kron.get('residual_bound')}); raise max_sweeps or tol")
         if (kron.get("psd_clipped") or 0) > 1e-4:
-            out.append(f"the Kronecker factors were projected onto the PSD cone, clipping "
-                       f"{kron['psd_clipped']:.1e} of their eigenvalue mass")
+            out.append(f"the Kronecker factors were projected onto the PSD cone, removing "
+                       f"{kron['psd_clipped']:.1e} of their Frobenius norm")
     return out
 
 

@@ -196,24 +196,39 @@ def test_psd_projection_clips_exactly_the_negative_eigenvalues(d):
     w, V = torch.linalg.eigh(0.5 * (M + M.T))
     expect = (V * w.clamp(min=0)) @ V.T
     torch.testing.assert_close(P, expect, rtol=0, atol=1e-12)
-    assert clipped == pytest.approx(float(-w.clamp(max=0).sum() / w.abs().sum()), rel=1e-9)
+    assert clipped == pytest.approx(float(w.clamp(max=0).norm() / w.norm()), rel=1e-9)
     assert torch.linalg.eigvalsh(P).min() > -1e-14
     # a PSD matrix passes untouched and reports nothing clipped
     P2, c2 = _psd_projection(expect + 1e-3 * torch.eye(d, dtype=torch.float64))
     assert c2 == 0.0 and torch.equal(P2, 0.5 * (P2 + P2.T))
+    # with a span: the nearest PSD matrix whose range lies in it, brute force by its r x r block
+    r = d // 2 + 1
+    span = Q[:, :r]
+    P3, c3 = _psd_projection(M, span)
+    wr, Vr = torch.linalg.eigh(span.T @ M @ span)
+    expect3 = span @ ((Vr * wr.clamp(min=0)) @ Vr.T) @ span.T
+    torch.testing.assert_close(P3, expect3, rtol=0, atol=1e-12)
+    assert c3 == pytest.approx(float((M - expect3).norm() / M.norm()), rel=1e-9)
+    assert torch.linalg.eigvalsh(P3).min() > -1e-14
 
 
 def test_float32_solve_clips_almost_nothing_and_keeps_the_requested_damping():
-    """A float32 Krylov solve on a wide-spectrum layer: any clipped mass is rounding-sized, and the
-    factors' Cholesky roots succeed at the method's damping (no escalation)."""
-    from gfwsvd_core.fisher.psd import root
-
+    """A float32 Krylov solve on a wide-spectrum layer whose output side has more rows than tokens:
+    what the projection removes is rounding-sized, and the factors' Cholesky roots succeed at the
+    method's damping (no escalation)."""
     g = torch.Generator().manual_seed(7)
     K, T, n, m = 8, 24, 40, 300
     X = torch.randn(K, T, n, generator=g) * torch.logspace(0, -3, n)
     D = torch.randn(K, T, m, generator=g) * torch.logspace(0, -3, m)
-    res = nearest_kronecker(torch.bmm(D.transpose(1, 2), X), tol=1e-6, refine=0)
-    assert res.psd_clipped < 1e-6
+    for source in (torch.bmm(D.transpose(1, 2), X), (X, D)):  # materialised; factored (span of the tokens)
+        res = nearest_kronecker(source, tol=1e-6, refine=0)
+        assert res.psd_clipped < 1e-6
+        _check_factors_psd_at_damping(res)
+
+
+def _check_factors_psd_at_damping(res):
+    from gfwsvd_core.fisher.psd import root
+
     for M in (res.A, res.B):
         assert torch.linalg.eigvalsh(M).min() >= -1e-12 * float(torch.linalg.eigvalsh(M).max())
         r = root(M, damping=1e-6)

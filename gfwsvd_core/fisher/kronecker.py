@@ -58,7 +58,7 @@ class KroneckerFactors:
     s2: Optional[float] = None  # second singular value of the rearranged F (estimate)
     seconds: float = 0.0
     history: list = field(default_factory=list)  # s1 estimate per sweep
-    psd_clipped: float = 0.0  # negative eigenvalue mass removed from A and B, relative (~0)
+    psd_clipped: float = 0.0  # share of A and B removed by the PSD projection, ||M - M+||_F / ||M||_F (~0)
     residual_bound: Optional[float] = None  # Krylov: bound on sin(angle) of the factors to the exact ones
     refine_steps: int = 0  # float64 map pairs after the float32 solve
 
@@ -397,8 +397,8 @@ def nearest_kronecker(
         A, B, s1, sweeps, converged, hist = _als(S, A0, tol, max_sweeps)
     else:
         A, B, s1, sweeps, converged, hist = _lanczos(S, A0, tol, max_sweeps)
-    A, clip_a = _psd_projection(A)
-    B, clip_b = _psd_projection(B)
+    A, clip_a = _psd_projection(A, _token_span(S, "in"))
+    B, clip_b = _psd_projection(B, _token_span(S, "out"))
     res = KroneckerFactors(A=A, B=B, s1=s1, sweeps=sweeps, converged=converged, method=method,
                            init=used_init, history=hist, psd_clipped=max(clip_a, clip_b),
                            residual_bound=bound, refine_steps=refined)
@@ -424,21 +424,38 @@ def _fisher_norm(S: _Samples, stats: Optional[LayerStats]) -> tuple[float, bool]
 PSD_CHECK_SHIFT = 1e-8  # 100x below the default damping
 
 
-def _psd_projection(M: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Nearest PSD matrix (negative eigenvalues clipped) and the clipped mass ``sum|l-| / sum|l|``.
+def _psd_projection(M: torch.Tensor, span: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, float]:
+    """Nearest PSD matrix and the share removed, ``||M - M+||_F / ||M||_F``.
 
     Rounding leaves eigenvalues of about -1e-8 relative on float32 factors; left in, they make the
     Cholesky at a small requested damping fail and the damping climb. A Cholesky at a shift of
-    :data:`PSD_CHECK_SHIFT` (relative) first proves most factors PSD to that level (mass reported
-    as 0); for the others only the negative eigenpairs are computed (LAPACK's MRRR on a subset,
+    :data:`PSD_CHECK_SHIFT` (relative) first proves most factors PSD to that level (nothing
+    removed); for the others only the negative eigenpairs are computed (LAPACK's MRRR on a subset,
     2.5x faster than a full eigendecomposition at d = 1536) and removed: ``M - V diag(l-) V^T``
-    is the clipped projection. All in float64, which the factors keep: a float32 rebuild would
-    bring the negative eigenvalues back. The mass must be ~0; a large one means the factor
-    itself is wrong, and it is reported per layer."""
+    is the clipped projection.
+
+    ``span`` (d x r, orthonormal, r < d): a subspace that holds the exact factor's range - the
+    span of the samples' tokens on this side, when there are fewer tokens than rows. Such a
+    factor is rank-deficient, so rounding scatters +-1e-8 eigenvalues over its whole null space;
+    the projection is then onto PSD matrices with range in ``span``: ``P [P^T M P]_+ P^T``, an
+    r x r problem instead of d x d, which also removes the null space's rounding noise.
+
+    All in float64, which the factors keep: a float32 rebuild would bring the negative
+    eigenvalues back. The share removed must be ~0; a large one means the factor itself is wrong,
+    and it is reported per layer."""
     M = 0.5 * (M + M.T).double()
+    norm = float(torch.linalg.matrix_norm(M))
+    if span is not None:
+        P = span.to(M)
+        Mh = P.T @ M @ P
+        Mh = 0.5 * (Mh + Mh.T)
+        Mp, _ = _psd_projection(Mh)
+        out = P @ Mp @ P.T
+        out = 0.5 * (out + out.T)
+        removed = float(torch.linalg.matrix_norm(M - out))
+        return out, (removed / norm if norm > 0 else 0.0)
     d = M.shape[0]
-    trace = float(torch.diagonal(M).sum())
-    scale = trace / d
+    scale = float(torch.diagonal(M).sum()) / d
     if scale > 0:
         _, info = torch.linalg.cholesky_ex(M + PSD_CHECK_SHIFT * scale * torch.eye(d, dtype=M.dtype, device=M.device))
         if int(info) == 0:
@@ -446,11 +463,30 @@ def _psd_projection(M: torch.Tensor) -> tuple[torch.Tensor, float]:
     evals, evecs = _negative_eigenpairs(M)
     if evals.numel() == 0:
         return M, 0.0
-    neg = float(-evals.sum())
-    total = trace + 2 * neg  # sum |l| = trace + 2 sum |l-|
-    clipped = neg / total if total > 0 else 1.0
     P = M - (evecs * evals) @ evecs.T
-    return 0.5 * (P + P.T), clipped
+    removed = float(torch.linalg.vector_norm(evals))
+    return 0.5 * (P + P.T), (removed / norm if norm > 0 else 1.0)
+
+
+#: the range projection pays (QR, two products, an r x r solve) when the span is at most this
+#: share of the factor's rows
+SPAN_SHARE = 0.75
+
+
+def _token_span(S: "_Samples", side: str) -> Optional[torch.Tensor]:
+    """Orthonormal basis (float64) of the span of one side's token vectors (rows of all ``D_k``
+    for ``side="out"``, of all ``X_k`` for "in") when it is a small share of that side's
+    dimension: every Kronecker map's output, hence the exact factor, lies in it. None otherwise
+    (materialised samples, sharded samples, or too many tokens)."""
+    if S.materialized or S.shard is not None:
+        return None
+    V = S.D if side == "out" else S.X
+    d = V.shape[2]
+    rows = V.reshape(-1, d)
+    if rows.shape[0] > SPAN_SHARE * d:
+        return None
+    Q, _ = torch.linalg.qr(rows.T.double())  # (d, K T); zero (padding) tokens only add directions
+    return Q
 
 
 def _negative_eigenpairs(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -471,7 +507,7 @@ def _basis_budget(S: _Samples) -> int:
     """Bytes for the Krylov bases: room for ``KRYLOV_BASIS_STEPS`` steps without a restart (a wide
     layer's input-side vector alone is n^2 float64: 970 MB for n = 11008), within a quarter of the
     device's free memory; at least 512 MiB."""
-    per_pair = 8 * (S.m * S.m + S.n * S.n)
+    per_pair = (8 if S.dtype == torch.float64 else 4) * (S.m * S.m + S.n * S.n)  # bases in the maps' dtype
     free = None
     if S.device.type == "cuda":
         free = torch.cuda.mem_get_info(S.device)[0]

@@ -21,7 +21,9 @@ once that bound is at most ``tol``. Power iteration (ALS) contracts the error by
 ``(sigma_2/sigma_1)^2`` per sweep; Lanczos by about ``exp(-2 sqrt(1 - (sigma_2/sigma_1)^2))``, so a
 gap of 0.8 needs ~10 steps instead of ~30, and ``sigma_2`` comes for free.
 
-The bases are kept in float64 (the maps may run in float32) with full reorthogonalisation
+The bases are kept in the maps' precision (float32 maps: float32 bases, which halves the memory
+traffic of the reorthogonalisation that dominates wide layers' steps; the Ritz problem and the
+final combination are float64) with full reorthogonalisation
 (classical Gram-Schmidt, repeated when the DGKS test asks). When they would exceed ``basis_bytes`` the solver restarts from
 the current best left vector, which keeps memory bounded for wide layers.
 """
@@ -59,7 +61,7 @@ def _sym(M: torch.Tensor) -> torch.Tensor:
 
 
 class _Basis(list):
-    """Orthonormal vectors (a list of tensors) mirrored as rows of one float64 buffer, so that a
+    """Orthonormal vectors (a list of tensors) mirrored as rows of one buffer, so that a
     projection is two matrix-vector products, not a restack of the whole basis."""
 
     def __init__(self, first: Optional[torch.Tensor] = None):
@@ -89,7 +91,7 @@ def _orthonormalise(w: torch.Tensor, basis: "_Basis") -> tuple[torch.Tensor, flo
     which is when the first leaves rounding-level components along the basis."""
     flat = w.reshape(-1)
     if len(basis):
-        Q = basis.rows()  # (j, N) float64
+        Q = basis.rows()  # (j, N)
         before = float(torch.linalg.vector_norm(flat))
         flat = flat - Q.T @ (Q @ flat)
         if float(torch.linalg.vector_norm(flat)) < before / math.sqrt(2):
@@ -106,17 +108,17 @@ def top_singular_triplets(apply: Map, apply_t: Map, start: torch.Tensor, tol: fl
 
     Args:
         apply: ``v -> R(v)``; ``apply_t``: ``u -> R^T(u)``; both take and return tensors in the
-            dtype of the maps (inputs are cast; results are taken to float64).
+            dtype of the maps (inputs are cast; results are taken to the basis dtype).
         start: a range-space tensor with a non-zero overlap with the top left singular vector
             (the K-FAC input factor for the Fisher).
         tol: bound on ``sin(angle)`` of the returned vectors to the exact ones (see the module).
         max_steps: at most this many map pairs in all.
-        basis_bytes: memory for the two float64 bases; the solver restarts when it is full.
+        basis_bytes: memory for the two bases; the solver restarts when it is full.
         symmetric: the maps preserve symmetric matrices: the start (and a restart) is
             symmetrised, and the caller symmetrises the result (rounding asymmetry stays ~1e-16).
     """
     map_dtype = start.dtype
-    f64 = torch.float64
+    f64 = torch.float64 if map_dtype == torch.float64 else torch.float32  # the bases' dtype
     per_pair = None
     u = start.to(f64)
     u = _sym(u) if symmetric else u
@@ -133,7 +135,7 @@ def top_singular_triplets(apply: Map, apply_t: Map, start: torch.Tensor, tol: fl
             w = apply_t(U[-1].to(map_dtype)).to(f64)  # R^T u_j
             steps += 1
             if v_prev is not None:
-                w = w - betas[-1] * v_prev
+                w = torch.sub(w, v_prev, alpha=betas[-1])
             v, alpha = _orthonormalise(w, V)
             alphas.append(alpha)
             # the bidiagonal C ((j+1) x j, with the new alpha as its last row's residual)
@@ -155,8 +157,8 @@ def top_singular_triplets(apply: Map, apply_t: Map, start: torch.Tensor, tol: fl
                 return KrylovResult(0.0, 0.0, U[0], torch.zeros_like(w), steps, True, 0.0, 0.0, restarts, history)
             V.append(v)
             if per_pair is None:
-                per_pair = (U[0].numel() + v.numel()) * 8
-            w = apply(v.to(map_dtype)).to(f64) - alpha * U[-1]  # R v_j - alpha_j u_j
+                per_pair = (U[0].numel() + v.numel()) * v.element_size()
+            w = torch.sub(apply(v.to(map_dtype)).to(f64), U[-1], alpha=alpha)  # R v_j - alpha_j u_j
             u_next, beta = _orthonormalise(w, U)
             betas.append(beta)
             U.append(u_next)
@@ -169,7 +171,7 @@ def top_singular_triplets(apply: Map, apply_t: Map, start: torch.Tensor, tol: fl
         s, res, p, q = _ritz(alphas[:len(V)], betas[:len(V)], 0.0)
         u = _combine(U, p[:, 0])
         u = _sym(u) if symmetric else u
-        u = u / torch.linalg.vector_norm(u)
+        u = (u / torch.linalg.vector_norm(u)).to(f64)
         restarts += 1
 
 
@@ -186,9 +188,10 @@ def _ritz(alphas, betas, alpha_next):
 
 
 def _combine(basis: list[torch.Tensor], coeffs: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros_like(basis[0])
+    """``sum_i c_i b_i``, accumulated in float64."""
+    out = torch.zeros_like(basis[0], dtype=torch.float64)
     for b, c in zip(basis, coeffs.tolist()):
-        out += c * b
+        out.add_(b, alpha=c)
     return out
 
 
