@@ -507,7 +507,7 @@ def _basis_budget(S: _Samples) -> int:
     """Bytes for the Krylov bases: room for ``KRYLOV_BASIS_STEPS`` steps without a restart (a wide
     layer's input-side vector alone is n^2 float64: 970 MB for n = 11008), within a quarter of the
     device's free memory; at least 512 MiB."""
-    per_pair = (8 if S.dtype == torch.float64 else 4) * (S.m * S.m + S.n * S.n)  # bases in the maps' dtype
+    per_pair = 8 * (S.m * S.m + S.n * S.n)
     free = None
     if S.device.type == "cuda":
         free = torch.cuda.mem_get_info(S.device)[0]
