@@ -51,6 +51,12 @@ SVD_MN2, SVD_N3, EIGH_D3, CHOL_D3 = 11.5, 23.0, 15.6, 0.6
 #: the PSD projection's eigenpairs of the negative eigenvalues only (LAPACK MRRR on a subset):
 #: 0.4x a full eigendecomposition, measured at d = 1536
 EIGH_NEG_D3 = 0.4 * EIGH_D3
+#: the Krylov bases' memory traffic: besides the S^2 vector reads of the reorthogonalisation,
+#: this many passes over a vector per step; timed at the bandwidth of the accumulation probe
+#: (:func:`elementwise_costs`, ``ACC_BYTES`` bytes an element). Measured on a 4864 x 896 layer,
+#: 15 steps: 73 GB by this count, 12 s of overhead beyond its maps and projection, the probe's
+#: rate 5.8 GB/s
+BASIS_PASSES, ACC_BYTES = 10, 20
 #: bytes per second the export writes (safetensors streams the tensors: no copy in memory); the
 #: reload memory-maps the file, so it costs little time and no resident memory until the weights
 #: are used (measured here: 0.45 GB/s written, reload 0.1 s for 0.6 GB)
@@ -100,6 +106,7 @@ class LayerPlan:
     dec_kept: int = 0  # what truncation needs: up/down, singular values, curves
     factor_flops: float = 0.0
     factor_flops64: float = 0.0
+    factor_bytes: float = 0.0  # memory-bound traffic of the Krylov bases (timed by bandwidth, not flops)
     svd_flops64: float = 0.0
 
 
@@ -406,7 +413,7 @@ def make_plan(model_or_config: Any, num_samples: int, max_length: int, device: s
                           + CHOL_D3 * (m**3 + n**3))
         if gfwsvd and needs_samples:
             lp.factor_kept = (m * m + n * n) * F64
-            lp.factor_flops, lp.factor_flops64, lp.factor_peak = _kronecker_cost(m, n, K, T, storage)
+            lp.factor_flops, lp.factor_flops64, lp.factor_peak, lp.factor_bytes = _kronecker_cost(m, n, K, T, storage)
         lps.append(lp)
 
     # statistics: everything kept + the larger of one batch's activations and, when a pass ends,
@@ -469,7 +476,8 @@ def make_plan(model_or_config: Any, num_samples: int, max_length: int, device: s
     # every pass runs the model and its loss; each layer's own statistics are captured in one of them
     per_pass = (2.0 if needs_grad else 1.0) * fwd / rate32 + tokens * vocab * t_logit * needs_grad
     stats_s = per_pass * len(groups) + kinds_flops / rate32 + n_batches * moments * t_acc
-    fac_s = sum(lp.factor_flops / rate32 + (lp.factor_flops64 + lp.svd_flops64) / rate64 for lp in lps)
+    fac_s = sum(lp.factor_flops / rate32 + (lp.factor_flops64 + lp.svd_flops64) / rate64
+                + lp.factor_bytes * t_acc / ACC_BYTES for lp in lps)
 
     if stream:
         lean = True
@@ -596,13 +604,18 @@ def _basis_bytes(m: int, n: int, steps: int) -> int:
     return int(resident(rows) * n * n * F64 + resident(rows - 1) * m * m * F64)
 
 
-def _kronecker_cost(m: int, n: int, K: int, T: int, storage: str) -> tuple[float, float, int]:
-    """(float32 flops, float64 flops, peak temporary bytes) of one layer's nearest Kronecker product."""
-    from .fisher.kronecker import CHUNK_BYTES
+def _kronecker_cost(m: int, n: int, K: int, T: int, storage: str) -> tuple[float, float, int, float]:
+    """(float32 flops, float64 flops, peak temporary bytes, bytes moved by memory-bound work) of
+    one layer's nearest Kronecker product."""
+    from .fisher.kronecker import CHUNK_BYTES, SPAN_SHARE
 
     maps = KRYLOV_STEPS * K * map_pair_flops(m, n, T, storage)
-    # orthonormalisation (twice) against the bases, float64
+    # the Krylov bases (float64, m^2 + n^2 per step): step j reads its j vectors twice to
+    # orthonormalise against them (S^2 vector reads in S steps), and each step makes about ten
+    # more passes over one vector
+    # (the maps' casts, the recurrence, the buffer); memory-bound, so counted in bytes
     ortho = 4.0 * KRYLOV_STEPS * KRYLOV_STEPS * (m * m + n * n)
+    moved = (KRYLOV_STEPS**2 + BASIS_PASSES * KRYLOV_STEPS) * F64 * (m * m + n * n)
     # ||F||: the cheaper of the factored T x T route and the materialised Gram (as the solver picks)
     cost_f = K * K * T * T * (m + n)
     cost_m = K * T * m * n + K * K * m * n
@@ -622,8 +635,15 @@ def _kronecker_cost(m: int, n: int, K: int, T: int, storage: str) -> tuple[float
     map_tmp = min(CHUNK_BYTES, max(1, CHUNK_BYTES // (F32 * per)) * per * F32, K * per * F32)
     # the PSD check: a Cholesky of each factor; a factor of more rows than the K T sample tokens
     # that span it is rank-deficient, float32 rounding leaves it indefinite, and its negative
-    # eigenpairs are computed and removed
-    psd = sum(CHOL_D3 * d**3 + (EIGH_NEG_D3 * d**3 if d > K * T else 0.0) for d in (m, n))
+    # eigenpairs are computed and removed; with few enough tokens (factored samples), inside
+    # their span: a QR of the tokens, the two products with it and an r x r check and clip
+    psd = 0.0
+    for d in (m, n):
+        r = K * T
+        if storage == "factored" and r <= SPAN_SHARE * d:
+            psd += 4.0 * d * r * r + 4.0 * d * d * r + 4.0 * d * r * r + (CHOL_D3 + EIGH_NEG_D3) * r**3
+        else:
+            psd += CHOL_D3 * d**3 + (EIGH_NEG_D3 * d**3 if d > r else 0.0)
     relaid = K * m * n * F32 if storage == "materialized" else 0  # the solver's (m, c, n) copy of G
     # phases, one after the other: the Krylov solve (bases, a map's chunk, its float64 in/out
     # matrices), the PSD projection (the symmetrised float64 factor, its shifted copy or eigenvectors
@@ -631,7 +651,7 @@ def _kronecker_cost(m: int, n: int, K: int, T: int, storage: str) -> tuple[float
     krylov = _basis_bytes(m, n, KRYLOV_STEPS) + map_tmp + 2 * (m * m + n * n) * F64
     psd_tmp = 3 * max(m, n) ** 2 * F64
     peak = relaid + max(krylov, psd_tmp, norm_tmp)
-    return maps + norm32, ortho + norm64 + psd, int(peak)
+    return maps + norm32, ortho + norm64 + psd, int(peak), moved
 
 
 def plan_experiment(exp: Any, max_memory: Any, methods: Sequence[Any], extra_kinds: Sequence[str] = (),
