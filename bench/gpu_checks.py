@@ -55,6 +55,9 @@ def correctness(device: str) -> None:
         assert got.A.device.type == torch.device(device).type, "factors left the device"
         line(f"kronecker {form} on {device} vs cpu float64, rel diff", kron_rel_diff(got.A, got.B, ref.A, ref.B),
              note="target <= 1e-5")
+        got = nearest_kronecker(src, tol=1e-6, refine=2, tf32=True)
+        line(f"kronecker {form} on {device}, TF32 + refine 2, vs cpu float64, rel diff",
+             kron_rel_diff(got.A, got.B, ref.A, ref.B), note="target <= 1e-5")
     import tiny_models
     from test_stats import lm_loss, make_batch
 
@@ -84,6 +87,12 @@ def speed(device: str, quick: bool) -> None:
         sync(device)
         line(f"kronecker {name} on {device}", time.perf_counter() - t0, "s",
              note=f"{f.sweeps} steps; target <= 1 s for the llama FFN on a GPU")
+        if device.startswith("cuda"):  # the float32 solve in TF32, then two float64 map pairs
+            t0 = time.perf_counter()
+            g = nearest_kronecker((X, D), diagnostics=False, refine=2, tf32=True)
+            sync(device)
+            line(f"  TF32 + refine 2, {name}", time.perf_counter() - t0, "s",
+                 note=f"{g.sweeps} steps; rel diff to the float32 solve {kron_rel_diff(g.A, g.B, f.A, f.B):.1e}")
         del X, D
         if device.startswith("cuda"):
             line(f"  peak GPU memory for {name}", torch.cuda.max_memory_allocated() / 2**30, "GiB")

@@ -254,3 +254,22 @@ def test_map_pair_flops_count_what_the_maps_run(m, n, form):
         S.out_map(A + A.T)
         S.in_map(B + B.T)
     assert fc.get_total_flops() == pytest.approx(K * map_pair_flops(m, n, T, form), rel=0.02)
+
+
+def test_tf32_is_a_cuda_only_switch_that_leaves_the_setting_as_it_was():
+    """On the CPU ``tf32`` changes nothing (bitwise); the method spec carries it; a bad value is a
+    clear error. Its speed and accuracy on a GPU are measured by bench/gpu.sh."""
+    from gfwsvd_core.errors import ConfigurationError
+    from gfwsvd_core.fisher.kronecker import _tf32
+    from gfwsvd_core.methods import get_method
+
+    X, D = random_factored(seed=5)
+    a = nearest_kronecker((X, D), tol=1e-8, refine=2)
+    b = nearest_kronecker((X, D), tol=1e-8, refine=2, tf32=True)
+    assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
+    before = torch.backends.cuda.matmul.fp32_precision
+    with _tf32(True, torch.device("cpu")):
+        assert torch.backends.cuda.matmul.fp32_precision == before
+    assert get_method("gfwsvd[tf32=true,refine=2]").tf32 is True
+    with pytest.raises(ConfigurationError, match="tf32"):
+        get_method("gfwsvd", tf32="yes")

@@ -21,6 +21,7 @@ Chekalina et al., "Generalized Fisher-Weighted SVD" (arXiv 2505.17974).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -354,6 +355,7 @@ def nearest_kronecker(
     dtype: Optional[torch.dtype] = None,
     seed: int = 0,
     refine: int = 2,
+    tf32: bool = False,
 ) -> KroneckerFactors:
     """Nearest Kronecker product ``A (x) B`` of the empirical Fisher of per-sample gradients.
 
@@ -376,6 +378,10 @@ def nearest_kronecker(
         dtype: arithmetic of the maps: None (float32, or float64 for float64 samples) or an
             explicit dtype. float32 is ~3x faster on CPU; on inputs whose channel spectra span
             many decades its rounding moves the factors by ~1e-4 relatively (bench/kronecker.py).
+        tf32: CUDA only (ignored elsewhere): the float32 Krylov solve's products on tensor cores in
+            TF32 (several times a GPU's float32 rate; about 1e-3 relative rounding per product),
+            then the float64 refinement (``refine``, at least 2) restores the accuracy; TF32 never
+            touches the refinement. ``bench/gpu.sh`` measures both.
         diagnostics: also compute ``||F||`` (for eta and the fit error) and estimate ``s2`` by
             ``gap_sweeps`` sweeps of deflated power iteration.
     Returns:
@@ -392,7 +398,7 @@ def nearest_kronecker(
     s2 = bound = None
     refined = 0
     if method == "krylov":
-        A, B, s1, s2, sweeps, converged, hist, bound, refined = _krylov(S, A0, tol, max_sweeps, refine)
+        A, B, s1, s2, sweeps, converged, hist, bound, refined = _krylov(S, A0, tol, max_sweeps, refine, tf32)
     elif method == "als":
         A, B, s1, sweeps, converged, hist = _als(S, A0, tol, max_sweeps)
     else:
@@ -526,12 +532,28 @@ def _basis_budget(S: _Samples) -> int:
 KRYLOV_BASIS_STEPS = 16
 
 
-def _krylov(S: _Samples, A0, tol, max_steps, refine):
+@contextlib.contextmanager
+def _tf32(enabled: bool, device: torch.device):
+    """float32 matmuls in TF32 on a CUDA device while the block runs (the previous setting after)."""
+    if not (enabled and device.type == "cuda"):
+        yield
+        return
+    mm = torch.backends.cuda.matmul
+    old = mm.fp32_precision
+    mm.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        mm.fp32_precision = old
+
+
+def _krylov(S: _Samples, A0, tol, max_steps, refine, tf32: bool = False):
     from .krylov import top_singular_triplets
 
     map_dtype = A0.dtype
-    r = top_singular_triplets(S.in_map, S.out_map, A0.to(map_dtype), tol=tol, max_steps=max_steps,
-                              basis_bytes=_basis_budget(S))
+    with _tf32(tf32, S.device):
+        r = top_singular_triplets(S.in_map, S.out_map, A0.to(map_dtype), tol=tol, max_steps=max_steps,
+                                  basis_bytes=_basis_budget(S))
     steps, refined = r.steps, 0
     if refine > 0 and map_dtype != torch.float64 and r.s1 > 0:
         # float64 maps (chunks cast on the fly) from the float32 answer: a few steps recover the

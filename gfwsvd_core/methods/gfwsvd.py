@@ -23,6 +23,9 @@ class GFWSVD(Method):
     #: far below the sampling error of K calibration samples, and refining cost ~40% of the
     #: solve. Use 2 for inputs whose channel spectra span many decades (bench/kronecker.py).
     refine: int = 0
+    #: CUDA only: the Krylov solve's float32 products in TF32 (use with refine >= 2; see
+    #: ``nearest_kronecker``); off by default until a GPU run has measured it (bench/gpu.sh)
+    tf32: bool = False
 
     name = "gfwsvd"
     label = "GFWSVD"
@@ -42,11 +45,13 @@ class GFWSVD(Method):
             raise ConfigurationError(f"GFWSVD tol must be a number in (0, 1), got {self.tol!r}")
         if self.init not in ("kfac", "identity"):
             raise ConfigurationError(f"GFWSVD init must be 'kfac' or 'identity', got {self.init!r}")
+        if not isinstance(self.tf32, bool):
+            raise ConfigurationError(f"GFWSVD tf32 must be true or false, got {self.tf32!r}")
         if self.solver not in ("krylov", "als", "lanczos"):
             raise ConfigurationError(f"GFWSVD solver must be 'krylov', 'als' or 'lanczos', got {self.solver!r}")
 
     def weights(self, stats) -> Weights:
         fac = nearest_kronecker(stats, init=self.init, method=self.solver, tol=self.tol,
                                 max_sweeps=self.max_sweeps, diagnostics=self.diagnostics, gap_sweeps=self.gap_sweeps,
-                                refine=self.refine)
+                                refine=self.refine, tf32=self.tf32)
         return Weights(fac.B, fac.A, self.damping, {"kronecker": fac.diagnostics(), "factors": fac})
