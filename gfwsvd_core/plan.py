@@ -635,12 +635,12 @@ def _kronecker_cost(m: int, n: int, K: int, T: int, storage: str) -> tuple[float
     map_tmp = min(CHUNK_BYTES, max(1, CHUNK_BYTES // (F32 * per)) * per * F32, K * per * F32)
     # the PSD check: a Cholesky of each factor; a factor of more rows than the K T sample tokens
     # that span it is rank-deficient, float32 rounding leaves it indefinite, and its negative
-    # eigenpairs are computed and removed; with few enough tokens (factored samples), inside
-    # their span: a QR of the tokens, the two products with it and an r x r check and clip
+    # eigenpairs are computed and removed; with few enough sample vectors on that side, inside
+    # their span: a QR of them, the two products with it and an r x r check and clip
     psd = 0.0
     for d in (m, n):
-        r = K * T
-        if storage == "factored" and r <= SPAN_SHARE * d:
+        r = K * T if storage == "factored" else K * (m + n - d)  # tokens, or the other side's rows of each G_k
+        if r <= SPAN_SHARE * d:
             psd += 4.0 * d * r * r + 4.0 * d * d * r + 4.0 * d * r * r + (CHOL_D3 + EIGH_NEG_D3) * r**3
         else:
             psd += CHOL_D3 * d**3 + (EIGH_NEG_D3 * d**3 if d > r else 0.0)

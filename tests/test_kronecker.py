@@ -273,3 +273,29 @@ def test_tf32_is_a_cuda_only_switch_that_leaves_the_setting_as_it_was():
     assert get_method("gfwsvd[tf32=true,refine=2]").tf32 is True
     with pytest.raises(ConfigurationError, match="tf32"):
         get_method("gfwsvd", tf32="yes")
+
+
+@pytest.mark.parametrize("form", ["materialized", "factored"])
+def test_factors_lie_in_the_span_of_the_sample_vectors(form, monkeypatch):
+    """With few samples the output-side factor is rank-deficient: the projection inside the span
+    of the samples' vectors (columns of each G_k, or the tokens' D_k rows) gives the full
+    eigendecomposition's PSD projection up to rounding, and nothing outside the span."""
+    from gfwsvd_core.fisher import kronecker as kr
+
+    g = torch.Generator().manual_seed(11)
+    K, T, n, m = 2, 30, 40, 300  # K n = 80 and K T = 60 vectors for 300 output rows
+    X = torch.randn(K, T, n, generator=g, dtype=torch.float64)
+    D = torch.randn(K, T, m, generator=g, dtype=torch.float64) * torch.logspace(0, -2, m, dtype=torch.float64)
+    src = torch.bmm(D.transpose(1, 2), X) if form == "materialized" else (X, D)
+    S, _ = kr._as_samples(src)
+    span = kr._token_span(S, "out")
+    assert span is not None and span.shape == (m, K * n if form == "materialized" else K * T)
+    assert kr._token_span(S, "in") is None  # 40 input columns: no smaller span to use
+    res = nearest_kronecker(src, tol=1e-10, refine=0)
+    outside = res.B - span @ (span.T @ res.B @ span) @ span.T
+    assert float(outside.norm()) < 1e-12 * float(res.B.norm())
+    monkeypatch.setattr(kr, "SPAN_SHARE", 0.0)  # the d x d route: full eigendecomposition and clip
+    assert kr._token_span(S, "out") is None
+    full = nearest_kronecker(src, tol=1e-10, refine=0)
+    torch.testing.assert_close(res.B, full.B, rtol=0, atol=1e-10 * float(full.B.norm()))
+    torch.testing.assert_close(res.A, full.A, rtol=0, atol=1e-10 * float(full.A.norm()))

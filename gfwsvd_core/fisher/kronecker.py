@@ -480,18 +480,28 @@ SPAN_SHARE = 0.75
 
 
 def _token_span(S: "_Samples", side: str) -> Optional[torch.Tensor]:
-    """Orthonormal basis (float64) of the span of one side's token vectors (rows of all ``D_k``
-    for ``side="out"``, of all ``X_k`` for "in") when it is a small share of that side's
-    dimension: every Kronecker map's output, hence the exact factor, lies in it. None otherwise
-    (materialised samples, sharded samples, or too many tokens)."""
-    if S.materialized or S.shard is not None:
+    """Orthonormal basis (float64) of the span that holds one side's factor, when it is a small
+    share of that side's dimension: every Kronecker map's output, hence the exact factor, lies in
+    the span of the samples' vectors on that side - factored, the rows of all ``D_k`` (output
+    side) or ``X_k`` (input side); materialised, the columns or the rows of all ``G_k``. None
+    when the span is not small enough to pay, or the samples are sharded over processes."""
+    if S.shard is not None:
         return None
-    V = S.D if side == "out" else S.X
-    d = V.shape[2]
-    rows = V.reshape(-1, d)
-    if rows.shape[0] > SPAN_SHARE * d:
+    d = S.m if side == "out" else S.n
+    if S.materialized:
+        count = S.K * (S.n if side == "out" else S.m)
+    else:
+        count = S.K * S.T
+    if count > SPAN_SHARE * d:
         return None
-    Q, _ = torch.linalg.qr(rows.T.double())  # (d, K T); zero (padding) tokens only add directions
+    if S.materialized:  # chunks laid out (m, c, n)
+        if side == "out":
+            rows = torch.cat([g.permute(1, 2, 0).reshape(-1, S.m) for g in S._Gm])  # columns of each G_k
+        else:
+            rows = torch.cat([g.reshape(-1, S.n) for g in S._Gm])  # rows of each G_k
+    else:
+        rows = (S.D if side == "out" else S.X).reshape(-1, d)
+    Q, _ = torch.linalg.qr(rows.T.double())  # (d, count); zero (padding) vectors only add directions
     return Q
 
 
