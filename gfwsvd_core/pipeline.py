@@ -120,13 +120,14 @@ class Experiment:
 
         Statistics: the real collection (model pass and every statistic kind) timed on one
         calibration batch after a warm-up batch, times the number of batches. Kronecker factors:
-        per layer, ``KRYLOV_STEPS`` steps of two maps over the stored samples (flops from the
-        storage rule, with the valid-token count of the batches, not the padded length) plus the
-        PSD projection's eigendecompositions, at this machine's matmul rate (best of three, so a
-        reload gives the same figure)."""
+        the memory plan's model of each layer's solve (``plan.kronecker_seconds``: Krylov map
+        flops from the storage rule, with the valid-token count of the batches, not the padded
+        length, the PSD projection and the bases' memory traffic) at this machine's rates,
+        probed once per process, so a reload gives the same figure."""
         if self._time_estimate is None:
             from .layers import weight_shape
-            from .statistics import choose_storage, map_pair_flops
+            from .plan import kronecker_seconds
+            from .statistics import choose_storage
 
             batches = self.calib_batches
             kinds = required_kinds(["gfwsvd", "fwsvd", "kfac", "svd"])
@@ -143,26 +144,17 @@ class Experiment:
 
             warm = one(batches[0])
             per_batch = one(batches[1]) if len(batches) > 1 else warm
-            a = torch.randn(1024, 1024)
-            a @ a
-            best = math.inf
-            for _ in range(3):
-                t0 = time.perf_counter()
-                a @ a
-                best = min(best, time.perf_counter() - t0)
-            rate = 2 * 1024**3 / max(best, 1e-9)
             masks = [b.get("attention_mask") for b in batches]
             valid = sum(int(mk.sum()) if mk is not None else int(b["input_ids"].numel()) for mk, b in zip(masks, batches))
             rows = sum(int(b["input_ids"].shape[0]) for b in batches)
             unit = self.sample_unit
             K = valid if unit == "token" else (len(batches) if unit == "batch" else rows)
             T = 1 if unit == "token" else max(1, round(valid / K))
-            flops = 0.0
+            kron = 0.0
             for name in self.layers:
                 m, n = weight_shape(self.model.get_submodule(name))
-                maps = KRYLOV_STEPS * K * map_pair_flops(m, n, T, choose_storage(m, n, T))
-                flops += maps + EIGH_FLOPS * (m**3 + n**3)
-            self._time_estimate = {"statistics": per_batch * len(batches), "kronecker": flops / rate}
+                kron += kronecker_seconds(m, n, K, T, choose_storage(m, n, T))
+            self._time_estimate = {"statistics": per_batch * len(batches), "kronecker": kron}
         return self._time_estimate
 
     def memory_estimate(self, kinds=("samples", "diagonal", "kfac", "inputs")) -> dict[str, int]:
@@ -637,12 +629,6 @@ def run_compression(exp: Experiment, method: Any, ratio: Optional[float] = None,
 #: a fidelity (mean cosine of compressed and dense outputs) below this is a report warning
 FIDELITY_FLAG = 0.9
 
-
-#: the time estimate's model of a Kronecker solve: Krylov steps per layer (6-10 measured on the
-#: default; each step's flops from ``statistics.map_pair_flops``) and flops per m^3 of the PSD
-#: projection's float64 negative eigenpairs, in float32-matmul equivalents
-KRYLOV_STEPS = 8
-EIGH_FLOPS = 10.0
 
 #: predicted and measured loss increases that differ by more than this factor get a warning
 AGREEMENT_FACTOR = 3.0

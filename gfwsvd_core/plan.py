@@ -604,6 +604,15 @@ def _basis_bytes(m: int, n: int, steps: int) -> int:
     return int(resident(rows) * n * n * F64 + resident(rows - 1) * m * m * F64)
 
 
+def kronecker_seconds(m: int, n: int, K: int, T: int, storage: str) -> float:
+    """Predicted seconds of one layer's GFWSVD Kronecker solve on this machine: the plan's model
+    (:func:`_kronecker_cost`) at the measured matmul rates and memory bandwidth (probed once)."""
+    rate32, rate64 = matmul_rates()
+    _, t_acc = elementwise_costs(0)
+    f32, f64, _, moved = _kronecker_cost(m, n, K, T, storage)
+    return f32 / rate32 + f64 / rate64 + moved * t_acc / ACC_BYTES
+
+
 def _kronecker_cost(m: int, n: int, K: int, T: int, storage: str) -> tuple[float, float, int, float]:
     """(float32 flops, float64 flops, peak temporary bytes, bytes moved by memory-bound work) of
     one layer's nearest Kronecker product."""
