@@ -441,8 +441,8 @@ def _psd_projection(M: torch.Tensor, span: Optional[torch.Tensor] = None) -> tup
     is the clipped projection.
 
     ``span`` (d x r, orthonormal, r < d): a subspace that holds the exact factor's range - the
-    span of the samples' tokens on this side, when there are fewer tokens than rows. Such a
-    factor is rank-deficient, so rounding scatters +-1e-8 eigenvalues over its whole null space;
+    span of the samples' vectors on this side (:func:`_token_span`), when there are fewer of them
+    than rows. Such a factor is rank-deficient, so rounding scatters +-1e-8 eigenvalues over its whole null space;
     the projection is then onto PSD matrices with range in ``span``: ``P [P^T M P]_+ P^T``, an
     r x r problem instead of d x d, which also removes the null space's rounding noise.
 
