@@ -549,12 +549,13 @@ def _tf32(enabled: bool, device: torch.device):
         yield
         return
     mm = torch.backends.cuda.matmul
-    old = mm.fp32_precision
-    mm.fp32_precision = "tf32"
+    key, value = ("fp32_precision", "tf32") if hasattr(mm, "fp32_precision") else ("allow_tf32", True)
+    old = getattr(mm, key)
+    setattr(mm, key, value)
     try:
         yield
     finally:
-        mm.fp32_precision = old
+        setattr(mm, key, old)
 
 
 def _krylov(S: _Samples, A0, tol, max_steps, refine, tf32: bool = False):
