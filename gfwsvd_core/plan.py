@@ -52,11 +52,12 @@ SVD_MN2, SVD_N3, EIGH_D3, CHOL_D3 = 11.5, 23.0, 15.6, 0.6
 #: 0.4x a full eigendecomposition, measured at d = 1536
 EIGH_NEG_D3 = 0.4 * EIGH_D3
 #: the Krylov bases' memory traffic: besides the S^2 vector reads of the reorthogonalisation,
-#: this many passes over a vector per step; timed at the bandwidth of the accumulation probe
-#: (:func:`elementwise_costs`, ``ACC_BYTES`` bytes an element). Measured on a 4864 x 896 layer,
-#: 15 steps: 73 GB by this count, 12 s of overhead beyond its maps and projection, the probe's
-#: rate 5.8 GB/s
-BASIS_PASSES, ACC_BYTES = 10, 20
+#: this many float64-vector passes per step and side: the casts to and from the maps' float32
+#: (2), the recurrence's subtraction (3), the projection's norms, subtraction and scaling (9) and
+#: the basis append (2); timed at the bandwidth of the accumulation probe
+#: (:func:`elementwise_costs`, ``ACC_BYTES`` bytes an element). On a 4864 x 896 layer of 7 steps
+#: this gives 6.0 s at the probe's 6.2 GB/s; its profile showed 6.1 s in those operations
+BASIS_PASSES, ACC_BYTES = 16, 20
 #: bytes per second the export writes (safetensors streams the tensors: no copy in memory); the
 #: reload memory-maps the file, so it costs little time and no resident memory until the weights
 #: are used (measured here: 0.45 GB/s written, reload 0.1 s for 0.6 GB)
@@ -620,8 +621,8 @@ def _kronecker_cost(m: int, n: int, K: int, T: int, storage: str) -> tuple[float
 
     maps = KRYLOV_STEPS * K * map_pair_flops(m, n, T, storage)
     # the Krylov bases (float64, m^2 + n^2 per step): step j reads its j vectors twice to
-    # orthonormalise against them (S^2 vector reads in S steps), and each step makes about ten
-    # more passes over one vector
+    # orthonormalise against them (S^2 vector reads in S steps), and each step makes
+    # BASIS_PASSES more passes over one vector
     # (the maps' casts, the recurrence, the buffer); memory-bound, so counted in bytes
     ortho = 4.0 * KRYLOV_STEPS * KRYLOV_STEPS * (m * m + n * n)
     moved = (KRYLOV_STEPS**2 + BASIS_PASSES * KRYLOV_STEPS) * F64 * (m * m + n * n)
