@@ -280,17 +280,23 @@ def test_layer_warnings_reach_the_report_and_the_cli(capsys):
 
 
 @pytest.mark.slow
-def test_time_estimate_is_measured_stable_and_close():
-    """The Model & data page's estimate: stable across reloads and near the real statistics pass."""
+def test_time_estimate_is_measured_once_and_close():
+    """The Model & data page's estimate: measured once per experiment, and near the real statistics
+    pass and the real Kronecker solves (loose bounds: shared CI machines; at these few samples the
+    solves are dominated by work the flop model prices roughly, measured 1.9x its estimate)."""
     from gfwsvd_core import pipeline
+    from gfwsvd_core.fisher.kronecker import nearest_kronecker
 
     first = pipeline.prepare(samples=24, eval_samples=8, max_length=64, device="cpu")
-    again = pipeline.prepare(samples=24, eval_samples=8, max_length=64, device="cpu")
-    a, b = first.time_estimate(), again.time_estimate()
+    a = first.time_estimate()
     assert first.time_estimate() is a  # measured once per experiment
     assert set(a) == {"statistics", "kronecker"} and all(v > 0 for v in a.values())
-    assert 1 / 1.3 <= a["kronecker"] / b["kronecker"] <= 1.3  # the plan's model at rates probed once per process
     t0 = time.perf_counter()
     pipeline.collect(first)
     actual = time.perf_counter() - t0
-    assert actual / 2.5 <= a["statistics"] <= actual * 2.5, (a, actual)  # a loose bound: shared CI machines
+    assert actual / 2.5 <= a["statistics"] <= actual * 2.5, (a, actual)
+    t0 = time.perf_counter()
+    for s in first.stats.values():
+        nearest_kronecker(s, tol=1e-5, refine=0)
+    solves = time.perf_counter() - t0
+    assert solves / 3 <= a["kronecker"] <= solves * 3, (a, solves)

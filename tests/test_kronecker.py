@@ -288,14 +288,14 @@ def test_factors_lie_in_the_span_of_the_sample_vectors(form, monkeypatch):
     D = torch.randn(K, T, m, generator=g, dtype=torch.float64) * torch.logspace(0, -2, m, dtype=torch.float64)
     src = torch.bmm(D.transpose(1, 2), X) if form == "materialized" else (X, D)
     S, _ = kr._as_samples(src)
-    span = kr._token_span(S, "out")
+    span = kr._sample_span(S, "out")
     assert span is not None and span.shape == (m, K * n if form == "materialized" else K * T)
-    assert kr._token_span(S, "in") is None  # 40 input columns: no smaller span to use
+    assert kr._sample_span(S, "in") is None  # 40 input columns: no smaller span to use
     res = nearest_kronecker(src, tol=1e-10, refine=0)
     outside = res.B - span @ (span.T @ res.B @ span) @ span.T
     assert float(outside.norm()) < 1e-12 * float(res.B.norm())
     monkeypatch.setattr(kr, "SPAN_SHARE", 0.0)  # the d x d route: full eigendecomposition and clip
-    assert kr._token_span(S, "out") is None
+    assert kr._sample_span(S, "out") is None
     full = nearest_kronecker(src, tol=1e-10, refine=0)
     torch.testing.assert_close(res.B, full.B, rtol=0, atol=1e-10 * float(full.B.norm()))
     torch.testing.assert_close(res.A, full.A, rtol=0, atol=1e-10 * float(full.A.norm()))

@@ -403,8 +403,8 @@ def nearest_kronecker(
         A, B, s1, sweeps, converged, hist = _als(S, A0, tol, max_sweeps)
     else:
         A, B, s1, sweeps, converged, hist = _lanczos(S, A0, tol, max_sweeps)
-    A, clip_a = _psd_projection(A, _token_span(S, "in"))
-    B, clip_b = _psd_projection(B, _token_span(S, "out"))
+    A, clip_a = _psd_projection(A, _sample_span(S, "in"))
+    B, clip_b = _psd_projection(B, _sample_span(S, "out"))
     res = KroneckerFactors(A=A, B=B, s1=s1, sweeps=sweeps, converged=converged, method=method,
                            init=used_init, history=hist, psd_clipped=max(clip_a, clip_b),
                            residual_bound=bound, refine_steps=refined)
@@ -441,7 +441,7 @@ def _psd_projection(M: torch.Tensor, span: Optional[torch.Tensor] = None) -> tup
     is the clipped projection.
 
     ``span`` (d x r, orthonormal, r < d): a subspace that holds the exact factor's range - the
-    span of the samples' vectors on this side (:func:`_token_span`), when there are fewer of them
+    span of the samples' vectors on this side (:func:`_sample_span`), when there are fewer of them
     than rows. Such a factor is rank-deficient, so rounding scatters +-1e-8 eigenvalues over its whole null space;
     the projection is then onto PSD matrices with range in ``span``: ``P [P^T M P]_+ P^T``, an
     r x r problem instead of d x d, which also removes the null space's rounding noise.
@@ -479,7 +479,7 @@ def _psd_projection(M: torch.Tensor, span: Optional[torch.Tensor] = None) -> tup
 SPAN_SHARE = 0.75
 
 
-def _token_span(S: "_Samples", side: str) -> Optional[torch.Tensor]:
+def _sample_span(S: "_Samples", side: str) -> Optional[torch.Tensor]:
     """Orthonormal basis (float64) of the span that holds one side's factor, when it is a small
     share of that side's dimension: every Kronecker map's output, hence the exact factor, lies in
     the span of the samples' vectors on that side - factored, the rows of all ``D_k`` (output
