@@ -96,6 +96,32 @@ def decompose_layers(
     collective = shard is not None and "samples" in method.kinds()
     solved: dict[str, tuple] = {}
     out = {}
+    try:
+        if shard is None and not (lean or offload):  # lean runs hold one layer's solve at a time
+            method.prefetch([stats[n] for n in names])  # e.g. GFWSVD's small layers in batches
+        _decompose_each(model, stats, method, names, shard, collective, solved, out, progress, cancel, lean, offload)
+    finally:
+        method.prefetch([])  # forget what a cancelled run prefetched and did not use
+    if shard is None:
+        return out
+    device = get_weight(model.get_submodule(names[0])).device
+    for part in shard.gather_objects(solved, device=device):
+        solved.update(part)
+    for i, name in enumerate(names):  # the yardstick curves read every rank's samples: all ranks, in order
+        dec, w, seconds = solved[name]
+        out[name] = _finished(model, stats[name], method, dec, w, time.perf_counter() - seconds)
+        if lean or offload:
+            drop_weights(out[name])
+        if offload:
+            offload_decomposition(out[name])
+        if progress:
+            progress(i + 1, len(names), f"{method.label}: {name}")
+    return out
+
+
+def _decompose_each(model, stats, method, names, shard, collective, solved, out, progress, cancel, lean, offload):
+    """The per-layer loop of :func:`decompose_layers`: one process's layers into ``out``, or under
+    torchrun this rank's (and the collective methods' every) layer into ``solved``."""
     for i, name in enumerate(names):
         if cancel is not None and cancel.is_set():
             raise Cancelled("decomposition cancelled")
@@ -115,21 +141,6 @@ def decompose_layers(
                 progress(i + 1, len(names), f"{method.label}: {name}")
         elif mine:
             solved[name] = (*_solve(model.get_submodule(name), w), time.perf_counter() - t0)
-    if shard is None:
-        return out
-    device = get_weight(model.get_submodule(names[0])).device
-    for part in shard.gather_objects(solved, device=device):
-        solved.update(part)
-    for i, name in enumerate(names):  # the yardstick curves read every rank's samples: all ranks, in order
-        dec, w, seconds = solved[name]
-        out[name] = _finished(model, stats[name], method, dec, w, time.perf_counter() - seconds)
-        if lean or offload:
-            drop_weights(out[name])
-        if offload:
-            offload_decomposition(out[name])
-        if progress:
-            progress(i + 1, len(names), f"{method.label}: {name}")
-    return out
 
 
 def drop_weights(dec: LayerDecomposition) -> LayerDecomposition:

@@ -437,9 +437,13 @@ def make_plan(model_or_config: Any, num_samples: int, max_length: int, device: s
                      for lp in lps) * itemsize
     lean_kept = total_kept + all_lean
 
+    # GFWSVD's batched small layers (``batch``; not in lean runs): a batch's stacked samples and
+    # bases while the batch solves, before the layers' own solves
+    batch_tmp = _batch_bytes(lps, methods, device, K, T) if gfwsvd and needs_samples else 0
+
     def factors_peak(lean: bool) -> int:  # keep-all: every layer's stats stay; decompositions accumulate
         kept_decs = sum(lp.dec_kept + (0 if lean else lp.factor_kept) for lp in lps)
-        return total_kept + kept_decs + max(solve_need.values(), default=0)
+        return total_kept + kept_decs + max(solve_need.values(), default=0) + (0 if lean else batch_tmp)
 
     minimum_keep = model_bytes + max(total_kept + min_room, factors_peak(True), lean_kept + comp_bytes)
     # streamed: one group's statistics (and its pass's transient, or one of its layers' solve) on top
@@ -535,6 +539,27 @@ def make_plan(model_or_config: Any, num_samples: int, max_length: int, device: s
     return Plan(name, num_samples, max_length, batch_size, str(device), budget, [str(m) for m in methods], kinds,
                 unit, K, T, int(model_bytes), int(act), lps, groups, collect_budget, lean, stages, int(minimum),
                 rate32, rate64, notes, stream, int(minimum_keep), offload)
+
+
+def _batch_bytes(lps: Sequence[LayerPlan], methods: Sequence[Any], device: str, K: int, T: int) -> int:
+    """Bytes of GFWSVD's largest batch of small layers (stacked samples and float64 bases; see
+    ``GFWSVD.batch``), 0 when no configured GFWSVD batches on ``device``."""
+    from .fisher.kronecker import BATCH_BYTES, KRYLOV_BASIS_STEPS
+    from .methods import get_method
+    from .methods.gfwsvd import BATCH_MAX_ENTRIES
+
+    on = [m for m in map(get_method, methods) if m.name == "gfwsvd" and getattr(m, "solver", "") == "krylov"
+          and (m.batch == "on" or (m.batch == "auto" and device.startswith("cuda")))]
+    if not on:
+        return 0
+    shapes: dict = {}
+    for lp in lps:
+        m, n = lp.shape
+        if m * n <= BATCH_MAX_ENTRIES and lp.storage != "streamed":
+            per = (K * m * n if lp.storage == "materialized" else K * T * (m + n)) * F32
+            shapes.setdefault((m, n, lp.storage), []).append(per + KRYLOV_BASIS_STEPS * F64 * (m * m + n * n))
+    sizes = [min(sum(v), max(BATCH_BYTES, max(v))) for v in shapes.values() if len(v) > 1]
+    return int(max(sizes, default=0))
 
 
 def _streamable(methods: Sequence[Any]) -> bool:

@@ -299,3 +299,37 @@ def test_factors_lie_in_the_span_of_the_sample_vectors(form, monkeypatch):
     full = nearest_kronecker(src, tol=1e-10, refine=0)
     torch.testing.assert_close(res.B, full.B, rtol=0, atol=1e-10 * float(full.B.norm()))
     torch.testing.assert_close(res.A, full.A, rtol=0, atol=1e-10 * float(full.A.norm()))
+
+
+def test_batch_solve_matches_one_by_one_across_shapes_and_batches(monkeypatch):
+    """nearest_kronecker_batch groups layers by shape and storage (a layer alone in its shape is
+    solved by itself) and splits a group by BATCH_BYTES; the factors and diagnostics equal the
+    one-by-one solve's to rounding."""
+    from gfwsvd_core.fisher import kronecker as kr
+
+    g = torch.Generator().manual_seed(3)
+    srcs = [torch.randn(12, 10, 7, generator=g, dtype=torch.float64) * torch.logspace(0, -1, 7, dtype=torch.float64)
+            for _ in range(5)]
+    srcs += [random_factored(seed=s) for s in range(3)]
+    srcs += [torch.randn(12, 9, 7, generator=g, dtype=torch.float64)]  # alone in its shape
+    one = [nearest_kronecker(s, tol=1e-9) for s in srcs]
+    # room for two materialised layers per batch (5 -> 2 + 2 + one alone); the factored ones
+    # are smaller: all 3 in one batch
+    per = 12 * 10 * 7 * 8 + kr.KRYLOV_BASIS_STEPS * 8 * (100 + 49)
+    monkeypatch.setattr(kr, "BATCH_BYTES", 2 * per + 1)
+    from gfwsvd_core.fisher import krylov
+
+    batches, real = [], krylov.top_singular_triplets_batched
+
+    def spy(apply, apply_t, start, **kw):
+        batches.append(start.shape[0])
+        return real(apply, apply_t, start, **kw)
+
+    monkeypatch.setattr(krylov, "top_singular_triplets_batched", spy)
+    many = kr.nearest_kronecker_batch(srcs, tol=1e-9)
+    assert sorted(batches) == [2, 2, 3]
+    for a, b in zip(one, many):
+        assert rel(b.A, a.A) < 1e-10 and rel(b.B, a.B) < 1e-10
+        assert b.sweeps == a.sweeps and b.s1 == pytest.approx(a.s1, rel=1e-12)
+        assert b.s2 == pytest.approx(a.s2, rel=1e-10) and b.fisher_norm == pytest.approx(a.fisher_norm, rel=1e-12)
+        assert b.converged and b.psd_clipped == pytest.approx(a.psd_clipped, abs=1e-12)

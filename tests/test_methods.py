@@ -124,3 +124,32 @@ def test_methods_on_missing_statistics_say_what_to_collect():
     with pytest.raises(ValueError, match="add 'samples' to kinds"):
         get_method("gfwsvd").weights(st[layer])
     assert get_method("svdllm").weights(st[layer]).right.shape == (st[layer].in_features,) * 2
+
+
+def test_gfwsvd_batch_on_solves_small_layers_together_and_matches_one_by_one(gpt2_stats, monkeypatch):
+    """gfwsvd[batch=on] (the CUDA default, forced here on the CPU): decompose_layers prefetches the
+    small layers' factors in batches and each layer's weights use them; the decompositions equal
+    the one-by-one ones (float32 maps: to ~1e-6)."""
+    from gfwsvd_core.compress import decompose_layers
+    from gfwsvd_core.methods import gfwsvd as mod
+
+    model, stats = gpt2_stats
+    off = decompose_layers(model, stats, "gfwsvd[batch=off]")
+    singles = []
+    real = mod.nearest_kronecker
+    monkeypatch.setattr(mod, "nearest_kronecker", lambda st, **kw: singles.append(st.name) or real(st, **kw))
+    method = get_method("gfwsvd[batch=on]")
+    on = decompose_layers(model, stats, method)
+    assert singles == []  # every layer came from a batch (the tiny GPT-2's layers share shapes)
+    assert method.__dict__["_prefetched"] == {}  # used up, nothing held after the run
+    for name in stats:
+        a, b = off[name].info["kronecker"], on[name].info["kronecker"]
+        assert b["sweeps"] == a["sweeps"] and b["s1"] == pytest.approx(a["s1"], rel=1e-5)
+        Wa = off[name].decomposition.reconstruct(4)
+        Wb = on[name].decomposition.reconstruct(4)
+        assert float((Wa - Wb).norm() / Wa.norm()) < 1e-4
+    # "auto" batches on CUDA only: on this CPU every layer is solved by itself
+    decompose_layers(model, stats, "gfwsvd")
+    assert sorted(singles) == sorted(stats)
+    with pytest.raises(ValueError, match="batch must be 'auto', 'on' or 'off'"):
+        get_method("gfwsvd[batch=maybe]")

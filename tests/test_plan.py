@@ -353,3 +353,27 @@ def test_offloaded_decompositions_truncate_like_kept_ones(tmp_path):
     bad = type("D", (), {"decomposition": object(), "method": "auto"})()
     with pytest.raises(ValueError, match="cannot be offloaded"):
         offload_decomposition(bad)
+
+
+def test_plan_counts_gfwsvds_batch_of_small_layers_where_it_runs():
+    """GFWSVD's batched small layers (``batch=auto``: CUDA only) hold a batch's stacked samples and
+    bases while it solves: the factors stage's device peak counts them on CUDA, not on the CPU
+    (where auto does not batch), and not with batch=off."""
+    from transformers import LlamaConfig
+
+    from gfwsvd_core.plan import _batch_bytes
+
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      vocab_size=1000, architectures=["LlamaForCausalLM"])
+    peak = {}
+    for dev, spec in (("cuda", "gfwsvd"), ("cuda", "gfwsvd[batch=off]"), ("cpu", "gfwsvd"), ("cpu", "gfwsvd[batch=on]")):
+        p = make_plan(cfg, 8, 64, dev, None, [spec], batch_size=4)
+        st = p.stage("factors")
+        peak[dev, spec] = st.device_peak if dev == "cuda" else st.host_peak
+        extra = _batch_bytes(p.layers, [spec], dev, 8, 64)  # 8 sequence samples of 64 tokens
+        if (dev, spec) in (("cuda", "gfwsvd"), ("cpu", "gfwsvd[batch=on]")):
+            assert extra > 0
+        else:
+            assert extra == 0
+    assert peak["cuda", "gfwsvd"] > peak["cuda", "gfwsvd[batch=off]"]
+    assert peak["cpu", "gfwsvd[batch=on]"] > peak["cpu", "gfwsvd"]

@@ -403,6 +403,13 @@ def nearest_kronecker(
         A, B, s1, sweeps, converged, hist = _als(S, A0, tol, max_sweeps)
     else:
         A, B, s1, sweeps, converged, hist = _lanczos(S, A0, tol, max_sweeps)
+    return _factors(S, stats, A, B, s1, s2, sweeps, converged, hist, bound, refined, method, used_init,
+                    diagnostics, gap_sweeps, seed, t0)
+
+
+def _factors(S, stats, A, B, s1, s2, sweeps, converged, hist, bound, refined, method, used_init, diagnostics,
+             gap_sweeps, seed, t0) -> KroneckerFactors:
+    """The PSD projection and the diagnostics of a solved pair, as :class:`KroneckerFactors`."""
     A, clip_a = _psd_projection(A, _sample_span(S, "in"))
     B, clip_b = _psd_projection(B, _sample_span(S, "out"))
     res = KroneckerFactors(A=A, B=B, s1=s1, sweeps=sweeps, converged=converged, method=method,
@@ -413,6 +420,115 @@ def nearest_kronecker(
         res.s2 = s2 if method == "krylov" else _second_singular_value(S, A, B, s1, gap_sweeps, seed)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+#: a batch of layers solved in lockstep holds at most this many bytes of stacked samples
+BATCH_BYTES = 512 * 2**20
+
+
+class _Stacked:
+    """The maps of several layers' samples of one shape and storage, stacked: ``(v, idx)`` maps
+    the problems ``idx`` at once, each by plain batched products (a copy of the samples; meant for
+    small layers, where launching and synchronising, not flops, is the cost on an accelerator)."""
+
+    def __init__(self, members: list):
+        S0 = members[0]
+        self.materialized, self.m, self.n, self.K, self.T = S0.materialized, S0.m, S0.n, S0.K, S0.T
+        if self.materialized:  # (L, m, K, n): each layer's chunks side by side
+            self.G = torch.stack([torch.cat(S._Gm, dim=1) for S in members])
+        else:
+            self.X = torch.stack([S.X for S in members])  # (L, K, T, n)
+            self.D = torch.stack([S.D for S in members])  # (L, K, T, m)
+
+    def _pick(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return t if idx.numel() == t.shape[0] else t.index_select(0, idx)
+
+    def out_map(self, A: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``E_k[G_k A_i G_k^T]`` for each problem i of ``idx``: (a, n, n) -> (a, m, m)."""
+        a, m, n, K = A.shape[0], self.m, self.n, self.K
+        if self.materialized:
+            G = self._pick(self.G, idx).to(A.dtype)  # (a, m, K, n)
+            GA = torch.bmm(G.reshape(a, m * K, n), A).reshape(a, m, K * n)  # [G_k A]_k side by side
+            out = torch.bmm(GA, G.reshape(a, m, K * n).transpose(1, 2))
+        else:
+            X, D = self._pick(self.X, idx).to(A.dtype), self._pick(self.D, idx).to(A.dtype)
+            XA = torch.bmm(X.reshape(a, K * self.T, n), A).reshape(X.shape)
+            S = torch.matmul(XA, X.transpose(-1, -2))  # (a, K, T, T)
+            SD = torch.matmul(S, D).reshape(a, K * self.T, m)
+            out = torch.bmm(D.reshape(a, K * self.T, m).transpose(1, 2), SD)
+        return out / K
+
+    def in_map(self, B: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``E_k[G_k^T B_i G_k]`` for each problem i of ``idx``: (a, m, m) -> (a, n, n)."""
+        a, m, n, K = B.shape[0], self.m, self.n, self.K
+        if self.materialized:
+            G = self._pick(self.G, idx).to(B.dtype)  # (a, m, K, n)
+            BG = torch.bmm(B, G.reshape(a, m, K * n)).reshape(a, m * K, n)
+            out = torch.bmm(G.reshape(a, m * K, n).transpose(1, 2), BG)
+        else:
+            X, D = self._pick(self.X, idx).to(B.dtype), self._pick(self.D, idx).to(B.dtype)
+            DB = torch.bmm(D.reshape(a, K * self.T, m), B).reshape(D.shape)
+            S = torch.matmul(DB, D.transpose(-1, -2))  # (a, K, T, T)
+            SX = torch.matmul(S, X).reshape(a, K * self.T, n)
+            out = torch.bmm(X.reshape(a, K * self.T, n).transpose(1, 2), SX)
+        return out / K
+
+
+def nearest_kronecker_batch(sources: list, init: str = "kfac", tol: float = 1e-6, max_sweeps: int = 50,
+                            diagnostics: bool = True, device=None, dtype: Optional[torch.dtype] = None,
+                            refine: int = 2, tf32: bool = False) -> list[KroneckerFactors]:
+    """:func:`nearest_kronecker` (Krylov) of many layers: those of one shape, storage and sample
+    count are solved in lockstep by one batched Krylov iteration
+    (:func:`fisher.krylov.top_singular_triplets_batched`), in batches of at most
+    :data:`BATCH_BYTES` of samples and bases; a layer alone in its shape, or whose samples are sharded over
+    processes, is solved by itself. Each layer stops by its own bound, so the factors match a
+    one-by-one solve to rounding. ``seconds`` of a batched layer is its share of the batch."""
+    from .krylov import top_singular_triplets_batched
+
+    if init not in ("identity", "kfac"):
+        raise ValueError(f"unknown init {init!r}; valid: identity, kfac")
+    out: list[Optional[KroneckerFactors]] = [None] * len(sources)
+    groups: dict[tuple, list[int]] = {}
+    prepared = []
+    for i, src in enumerate(sources):
+        S, stats = _as_samples(src, device, dtype)
+        prepared.append((S, stats))
+        key = (S.storage, S.m, S.n, S.K, S.T, S.dtype, str(S.device), S.shard is None)
+        groups.setdefault(key, []).append(i)
+    for key, members in groups.items():
+        S0 = prepared[members[0]][0]  # (the group's samples are released as they are solved)
+        # a layer's stacked samples and its float64 bases for KRYLOV_BASIS_STEPS steps
+        per = (S0.K * S0.m * S0.n if S0.materialized else S0.K * S0.T * (S0.m + S0.n)) * S0.dtype.itemsize
+        per += KRYLOV_BASIS_STEPS * 8 * (S0.m * S0.m + S0.n * S0.n)
+        size = max(1, BATCH_BYTES // per)
+        if len(members) == 1 or not key[-1]:
+            size = 1
+        for b in range(0, len(members), size):
+            batch = members[b:b + size]
+            if len(batch) == 1:
+                i = batch[0]
+                prepared[i] = None  # solved from its source again: no second copy of its samples
+                out[i] = nearest_kronecker(sources[i], init=init, tol=tol, max_sweeps=max_sweeps,
+                                           diagnostics=diagnostics, device=device, dtype=dtype, refine=refine,
+                                           tf32=tf32)
+                continue
+            t0 = time.perf_counter()
+            starts = [_initial(*prepared[i], init) for i in batch]
+            stacked = _Stacked([prepared[i][0] for i in batch])
+            with _tf32(tf32, S0.device):
+                results = top_singular_triplets_batched(stacked.in_map, stacked.out_map,
+                                                        torch.stack([A0 for A0, _ in starts]), tol=tol,
+                                                        max_steps=max_sweeps)
+            del stacked
+            share = (time.perf_counter() - t0) / len(batch)
+            for i, r, (A0, used_init) in zip(batch, results, starts):
+                t1 = time.perf_counter() - share
+                S, stats = prepared[i]
+                A, B, s1, s2, sweeps, converged, hist, bound, refined = _krylov_finish(S, r, A0.dtype, tol, refine)
+                out[i] = _factors(S, stats, A, B, s1, s2, sweeps, converged, hist, bound, refined, "krylov",
+                                  used_init, diagnostics, 0, 0, t1)
+                prepared[i] = None
+    return out
 
 
 def _fisher_norm(S: _Samples, stats: Optional[LayerStats]) -> tuple[float, bool]:
@@ -561,10 +677,16 @@ def _tf32(enabled: bool, device: torch.device):
 def _krylov(S: _Samples, A0, tol, max_steps, refine, tf32: bool = False):
     from .krylov import top_singular_triplets
 
-    map_dtype = A0.dtype
     with _tf32(tf32, S.device):
-        r = top_singular_triplets(S.in_map, S.out_map, A0.to(map_dtype), tol=tol, max_steps=max_steps,
+        r = top_singular_triplets(S.in_map, S.out_map, A0, tol=tol, max_steps=max_steps,
                                   basis_bytes=_basis_budget(S))
+    return _krylov_finish(S, r, A0.dtype, tol, refine)
+
+
+def _krylov_finish(S: _Samples, r, map_dtype, tol, refine):
+    """The float64 refinement (``refine`` map pairs) and the factors from a Krylov result."""
+    from .krylov import top_singular_triplets
+
     steps, refined = r.steps, 0
     if refine > 0 and map_dtype != torch.float64 and r.s1 > 0:
         # float64 maps (chunks cast on the fly) from the float32 answer: a few steps recover the

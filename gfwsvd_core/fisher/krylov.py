@@ -204,3 +204,129 @@ def _finish(best, steps, converged, restarts, history) -> KrylovResult:
     v = v / torch.linalg.vector_norm(v)
     s2 = float(s[1]) if len(s) > 1 else None
     return KrylovResult(float(s[0]), s2, u, v, steps, converged, float(res[0]), float(bound), restarts, history)
+
+
+BatchMap = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def top_singular_triplets_batched(apply: BatchMap, apply_t: BatchMap, start: torch.Tensor, tol: float = 1e-6,
+                                  max_steps: int = 100, symmetric: bool = True) -> list[KrylovResult]:
+    """:func:`top_singular_triplets` for L independent problems of one shape, in lockstep.
+
+    For many small layers (a model's attention projections) on an accelerator, one step of all of
+    them is a few batched kernels and a few host synchronisations (the step's alphas, betas and
+    the reorthogonalisation test), instead of L times as many small kernels and round trips. Each
+    problem stops by its own bound (the same rule, step for step, as the single solver) and drops
+    out of the batch. No restarts: the bases grow to the steps taken (meant for small layers).
+
+    Args:
+        apply: ``(v, idx) -> R_i(v_i)`` for the stacked domain tensors ``v`` (a, ...) of the
+            problems ``idx`` (a long tensor of problem indices, increasing); ``apply_t`` likewise
+            for the adjoints.
+        start: (L, ...) range-space start tensors, one per problem.
+    """
+    map_dtype = start.dtype
+    f64 = torch.float64
+    L = start.shape[0]
+    dev = start.device
+    u = start.to(f64)
+    u = _sym(u) if symmetric else u
+    u = u / torch.linalg.vector_norm(u.reshape(L, -1), dim=1).reshape(L, *([1] * (u.dim() - 1)))
+    shape_u = tuple(u.shape[1:])
+    shape_v = None
+    Ubuf = u.new_zeros(L, min(max_steps + 1, 16), u[0].numel())  # doubled as the steps need
+    Ubuf[:, 0] = u.reshape(L, -1)
+    Vbuf = None
+    alphas = torch.zeros(L, max_steps + 1, dtype=f64)
+    betas = torch.zeros(L, max_steps + 1, dtype=f64)
+    results: list[Optional[KrylovResult]] = [None] * L
+    history: list[list[float]] = [[] for _ in range(L)]
+    idx = torch.arange(L)  # active problems (CPU; ``idx.to(dev)`` indexes the device buffers)
+    v_prev = None
+    j = 0  # vectors in each active problem's V so far: the same for all of them
+    steps = 0
+    while idx.numel():
+        a, di = idx.numel(), idx.to(dev)
+        w = apply_t(Ubuf[di, j].reshape(a, *shape_u).to(map_dtype), di).to(f64)  # R^T u_j
+        steps += 1
+        if Vbuf is None:
+            shape_v = tuple(w.shape[1:])
+            Vbuf = w.new_zeros(L, Ubuf.shape[1], w[0].numel())
+        w = w.reshape(a, -1)
+        if v_prev is not None:
+            w = w - betas[idx, j - 1].to(dev)[:, None] * v_prev
+        v, alpha = _orthonormalise_batched(w, Vbuf[di, :j] if j else None)
+        alphas[idx, j] = alpha
+        done = torch.zeros(a, dtype=torch.bool)
+        for r, i in enumerate(idx.tolist()):
+            al = float(alpha[r])
+            if j == 0:
+                if al <= 0:  # an invariant subspace at the first step: R^T u = 0
+                    results[i] = KrylovResult(0.0, 0.0, Ubuf[i, 0].reshape(shape_u).clone(),
+                                              w.new_zeros(shape_v), steps, True, 0.0, 0.0, 0, history[i])
+                    done[r] = True
+                continue
+            s, res, p, q = _ritz(alphas[i, :j].tolist(), betas[i, :j].tolist(), al)
+            history[i].append(float(s[0]))
+            s2 = float(s[1]) if len(s) > 1 else 0.0
+            r2 = float(res[1]) if len(res) > 1 else 0.0
+            gap = float(s[0]) - (s2 + r2)
+            bound = math.sqrt(2) * float(res[0]) / gap if gap > 0 else math.inf
+            converged = bound <= tol or al <= 1e-300
+            if converged or steps >= max_steps:
+                results[i] = _finish_one(s, res, p, q, Ubuf[i], Vbuf[i], shape_u, shape_v, steps, converged,
+                                         bound, history[i])
+                done[r] = True
+        if bool(done.all()):
+            break
+        keep = ~done
+        idx, v, alpha = idx[keep], v[keep.to(dev)], alpha[keep]
+        a, di = idx.numel(), idx.to(dev)
+        if j + 2 > Ubuf.shape[1]:  # room for u_{j+1} and v_{j+1}
+            cap = min(max_steps + 1, 2 * Ubuf.shape[1])
+            Ubuf = torch.cat([Ubuf, Ubuf.new_zeros(L, cap - Ubuf.shape[1], Ubuf.shape[2])], 1)
+            Vbuf = torch.cat([Vbuf, Vbuf.new_zeros(L, cap - Vbuf.shape[1], Vbuf.shape[2])], 1)
+        Vbuf[di, j] = v
+        w = apply(v.reshape(a, *shape_v).to(map_dtype), di).to(f64).reshape(a, -1)
+        w = w - alpha.to(dev)[:, None] * Ubuf[di, j]  # R v_j - alpha_j u_j
+        u_next, beta = _orthonormalise_batched(w, Ubuf[di, : j + 1])
+        betas[idx, j] = beta
+        Ubuf[di, j + 1] = u_next
+        v_prev = v
+        j += 1
+        # an invariant subspace (beta ~ 0): the Ritz values are exact
+        inv = beta <= 1e-300 * alphas[idx, :j].abs().max(dim=1).values
+        for r in torch.nonzero(inv).flatten().tolist():
+            i = int(idx[r])
+            s, res, p, q = _ritz(alphas[i, :j].tolist(), betas[i, :j].tolist(), 0.0)
+            results[i] = _finish_one(s, res * 0, p, q, Ubuf[i], Vbuf[i], shape_u, shape_v, steps, True, 0.0,
+                                     history[i])
+        if bool(inv.any()):
+            idx, v_prev = idx[~inv], v_prev[(~inv).to(dev)]
+    return results
+
+
+def _orthonormalise_batched(w: torch.Tensor, Q: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``w`` (a, N) minus their projections on the rows of ``Q[r]`` (a, j, N), normalised,
+    with a second projection for the rows the DGKS test flags (as :func:`_orthonormalise`).
+    Returns the vectors and their norms before normalising (float64, on the CPU)."""
+    if Q is not None:
+        before = torch.linalg.vector_norm(w, dim=1)
+        w = w - torch.bmm(torch.bmm(Q, w[:, :, None]).transpose(1, 2), Q)[:, 0]
+        again = torch.linalg.vector_norm(w, dim=1) < before / math.sqrt(2)
+        if bool(again.any()):
+            w2 = w - torch.bmm(torch.bmm(Q, w[:, :, None]).transpose(1, 2), Q)[:, 0]
+            w = torch.where(again[:, None], w2, w)
+    nrm = torch.linalg.vector_norm(w, dim=1)
+    w = w / torch.where(nrm > 0, nrm, torch.ones_like(nrm))[:, None]
+    return w, nrm.cpu()
+
+
+def _finish_one(s, res, p, q, U, V, shape_u, shape_v, steps, converged, bound, history) -> KrylovResult:
+    """One problem's Ritz triplet from its rows of the batched bases."""
+    u = (p[:, 0].to(U) @ U[: p.shape[0]]).reshape(shape_u)
+    v = (q[:, 0].to(V) @ V[: q.shape[0]]).reshape(shape_v)
+    u = u / torch.linalg.vector_norm(u)
+    v = v / torch.linalg.vector_norm(v)
+    s2 = float(s[1]) if len(s) > 1 else None
+    return KrylovResult(float(s[0]), s2, u, v, steps, converged, float(res[0]), float(bound), 0, list(history))

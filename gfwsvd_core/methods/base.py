@@ -83,6 +83,11 @@ class Method:
         """Turn one layer's statistics into solver weights (each method overrides this)."""
         raise TypeError(f"{type(self).__name__} does not implement weights()")
 
+    def prefetch(self, layer_stats: list) -> None:
+        """Optionally compute the weights of many layers at once, before :meth:`weights` asks for
+        them one by one (GFWSVD solves small layers in batches on an accelerator). An empty list
+        forgets what was prefetched and not used. The default does nothing."""
+
     def config(self) -> dict:
         from dataclasses import asdict
 
