@@ -451,11 +451,7 @@ class _Stacked:
             GA = torch.bmm(G.reshape(a, m * K, n), A).reshape(a, m, K * n)  # [G_k A]_k side by side
             out = torch.bmm(GA, G.reshape(a, m, K * n).transpose(1, 2))
         else:
-            X, D = self._pick(self.X, idx).to(A.dtype), self._pick(self.D, idx).to(A.dtype)
-            XA = torch.bmm(X.reshape(a, K * self.T, n), A).reshape(X.shape)
-            S = torch.matmul(XA, X.transpose(-1, -2))  # (a, K, T, T)
-            SD = torch.matmul(S, D).reshape(a, K * self.T, m)
-            out = torch.bmm(D.reshape(a, K * self.T, m).transpose(1, 2), SD)
+            out = self._factored(self.X, self.D, A, idx)
         return out / K
 
     def in_map(self, B: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -466,12 +462,16 @@ class _Stacked:
             BG = torch.bmm(B, G.reshape(a, m, K * n)).reshape(a, m * K, n)
             out = torch.bmm(G.reshape(a, m * K, n).transpose(1, 2), BG)
         else:
-            X, D = self._pick(self.X, idx).to(B.dtype), self._pick(self.D, idx).to(B.dtype)
-            DB = torch.bmm(D.reshape(a, K * self.T, m), B).reshape(D.shape)
-            S = torch.matmul(DB, D.transpose(-1, -2))  # (a, K, T, T)
-            SX = torch.matmul(S, X).reshape(a, K * self.T, n)
-            out = torch.bmm(X.reshape(a, K * self.T, n).transpose(1, 2), SX)
+            out = self._factored(self.D, self.X, B, idx)
         return out / K
+
+    def _factored(self, P: torch.Tensor, Q: torch.Tensor, M: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``sum_k Q_k^T (P_k M_i P_k^T) Q_k`` per problem: ``out_map`` is (P, Q) = (X, D), ``in_map`` (D, X)."""
+        P, Q = self._pick(P, idx).to(M.dtype), self._pick(Q, idx).to(M.dtype)  # (a, K, T, .)
+        a, KT = M.shape[0], self.K * self.T
+        S = torch.matmul(torch.bmm(P.reshape(a, KT, -1), M).reshape(P.shape), P.transpose(-1, -2))  # (a, K, T, T)
+        SQ = torch.matmul(S, Q).reshape(a, KT, -1)
+        return torch.bmm(Q.reshape(a, KT, -1).transpose(1, 2), SQ)
 
 
 def nearest_kronecker_batch(sources: list, init: str = "kfac", tol: float = 1e-6, max_sweeps: int = 50,
