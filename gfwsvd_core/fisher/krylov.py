@@ -145,10 +145,7 @@ def top_singular_triplets(apply: Map, apply_t: Map, start: torch.Tensor, tol: fl
                 tri = _ritz(alphas[:j], betas[:j], alpha)
                 s, res, p, q = tri
                 history.append(float(s[0]))
-                s2 = float(s[1]) if len(s) > 1 else 0.0
-                r2 = float(res[1]) if len(res) > 1 else 0.0
-                gap = float(s[0]) - (s2 + r2)
-                bound = math.sqrt(2) * float(res[0]) / gap if gap > 0 else math.inf
+                bound = _wedin_bound(s, res)
                 best = (s, res, p, q, U, V, bound)
                 if bound <= tol or alpha <= 1e-300:
                     return _finish(best, steps, True, restarts, history)
@@ -196,14 +193,19 @@ def _combine(basis: list[torch.Tensor], coeffs: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _wedin_bound(s: torch.Tensor, res: torch.Tensor) -> float:
+    """``sqrt(2) r_1 / (s_1 - s_2 - r_2)`` (inf without a positive gap): the stopping rule's bound
+    on ``sin(angle)`` of the top Ritz pair, s_2 made conservative by its own residual."""
+    s2 = float(s[1]) if len(s) > 1 else 0.0
+    r2 = float(res[1]) if len(res) > 1 else 0.0
+    gap = float(s[0]) - (s2 + r2)
+    return math.sqrt(2) * float(res[0]) / gap if gap > 0 else math.inf
+
+
 def _finish(best, steps, converged, restarts, history) -> KrylovResult:
     s, res, p, q, U, V, bound = best
-    u = _combine(U[: p.shape[0]], p[:, 0])
-    v = _combine(V[: q.shape[0]], q[:, 0])
-    u = u / torch.linalg.vector_norm(u)
-    v = v / torch.linalg.vector_norm(v)
-    s2 = float(s[1]) if len(s) > 1 else None
-    return KrylovResult(float(s[0]), s2, u, v, steps, converged, float(res[0]), float(bound), restarts, history)
+    return _triplet(s, res, p, q, U.rows(), V.rows(), U[0].shape, V[0].shape, steps, converged, bound, history,
+                    restarts)
 
 
 BatchMap = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -268,13 +270,10 @@ def top_singular_triplets_batched(apply: BatchMap, apply_t: BatchMap, start: tor
                 continue
             s, res, p, q = _ritz(alphas[i, :j].tolist(), betas[i, :j].tolist(), al)
             history[i].append(float(s[0]))
-            s2 = float(s[1]) if len(s) > 1 else 0.0
-            r2 = float(res[1]) if len(res) > 1 else 0.0
-            gap = float(s[0]) - (s2 + r2)
-            bound = math.sqrt(2) * float(res[0]) / gap if gap > 0 else math.inf
+            bound = _wedin_bound(s, res)
             converged = bound <= tol or al <= 1e-300
             if converged or steps >= max_steps:
-                results[i] = _finish_one(s, res, p, q, Ubuf[i], Vbuf[i], shape_u, shape_v, steps, converged,
+                results[i] = _triplet(s, res, p, q, Ubuf[i], Vbuf[i], shape_u, shape_v, steps, converged,
                                          bound, history[i])
                 done[r] = True
         if bool(done.all()):
@@ -299,7 +298,7 @@ def top_singular_triplets_batched(apply: BatchMap, apply_t: BatchMap, start: tor
         for r in torch.nonzero(inv).flatten().tolist():
             i = int(idx[r])
             s, res, p, q = _ritz(alphas[i, :j].tolist(), betas[i, :j].tolist(), 0.0)
-            results[i] = _finish_one(s, res * 0, p, q, Ubuf[i], Vbuf[i], shape_u, shape_v, steps, True, 0.0,
+            results[i] = _triplet(s, res * 0, p, q, Ubuf[i], Vbuf[i], shape_u, shape_v, steps, True, 0.0,
                                      history[i])
         if bool(inv.any()):
             idx, v_prev = idx[~inv], v_prev[(~inv).to(dev)]
@@ -322,11 +321,11 @@ def _orthonormalise_batched(w: torch.Tensor, Q: Optional[torch.Tensor]) -> tuple
     return w, nrm.cpu()
 
 
-def _finish_one(s, res, p, q, U, V, shape_u, shape_v, steps, converged, bound, history) -> KrylovResult:
-    """One problem's Ritz triplet from its rows of the batched bases."""
+def _triplet(s, res, p, q, U, V, shape_u, shape_v, steps, converged, bound, history, restarts=0) -> KrylovResult:
+    """The top Ritz triplet from the bases' rows ``U`` (>= k+1, N_u) and ``V`` (>= k, N_v), float64."""
     u = (p[:, 0].to(U) @ U[: p.shape[0]]).reshape(shape_u)
     v = (q[:, 0].to(V) @ V[: q.shape[0]]).reshape(shape_v)
     u = u / torch.linalg.vector_norm(u)
     v = v / torch.linalg.vector_norm(v)
     s2 = float(s[1]) if len(s) > 1 else None
-    return KrylovResult(float(s[0]), s2, u, v, steps, converged, float(res[0]), float(bound), 0, list(history))
+    return KrylovResult(float(s[0]), s2, u, v, steps, converged, float(res[0]), float(bound), restarts, list(history))
